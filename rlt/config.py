@@ -1,0 +1,353 @@
+"""Typed schema of the flat run config, and its validation.
+
+Hydra composes `cfgs/train.yaml`: every group (`model_cfg`, `data_cfg`, `trainer_cfg`, `reward_cfg`, `run_cfg`) is
+packaged `@_global_`, so the result is ONE flat namespace and users override any key by its short name
+(`max_steps=300`), as in the reference RLT repo. `validate()` turns that DictConfig into a typed dataclass:
+
+* the schema is chosen by `algorithm` (set by `trainer_cfg`): keys of another algorithm are unknown keys;
+* unknown keys, wrong types and missing values are all collected into ONE `ConfigError` message;
+* cross-field rules (`problems()` of each section) quote the offending keys and numbers;
+* nothing here imports torch/transformers: validation runs before any model is loaded.
+
+Sections are mixin dataclasses; a run schema is their union (`SFTRunConfig`, ...). Later algorithms add a section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlt.errors import ConfigError
+
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+REPORT_TO = ("wandb", "tensorboard", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+DATA_FORMATS = ("gsm8k", "alpaca", "dolly", "sharegpt", "messages", "text", "prompt_completion")
+COMPLETION_STYLES = ("gsm8k", "reasoning_answer_tags")
+TEXT_SAMPLE_BY = ("paragraph", "line", "document")
+
+
+def _one_of(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of {list(allowed)}")
+
+
+def _positive(errors: list[str], key: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        errors.append(f"{key}={value} must be > 0")
+
+
+@dataclass
+class RunSection:
+    """Run identity, output, logging and checkpoints (`cfgs/train.yaml`, `run_cfg/*`)."""
+
+    algorithm: str = MISSING  # sft | grpo | rlt; set by trainer_cfg
+    run_name: str = MISSING  # names the run dir: ${results_dir}/${run_name} (deterministic, so restarts resume)
+    results_dir: str = "results"
+    output_dir: str | None = None  # null = the Hydra job dir (results/<run_name>, or one subdir per multirun job)
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])  # wandb | tensorboard | none
+    wandb_project: str = "rlt"
+    wandb_group: str | None = None
+    wandb_mode: str | None = None  # null = online if credentials exist, else offline (never prompts)
+    logging_steps: int = 1
+    save_steps: int = 50  # checkpoint every N optimizer steps
+    save_total_limit: int | None = 3
+    resume: bool = True  # continue from the last complete checkpoint in output_dir
+    resume_from: str | None = None  # explicit checkpoint dir (wins over `resume`)
+    save_final_model: bool = True  # model + tokenizer in ${output_dir}/final
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        if not self.run_name.strip() or "/" in self.run_name:
+            errors.append(f"run_name={self.run_name!r} must be a non-empty name without '/'")
+        for r in self.report_to:
+            _one_of(errors, "report_to", r, REPORT_TO)
+        if self.wandb_mode is not None:
+            _one_of(errors, "wandb_mode", self.wandb_mode, WANDB_MODES)
+        _positive(errors, "logging_steps", self.logging_steps)
+        _positive(errors, "save_steps", self.save_steps)
+        _positive(errors, "save_total_limit", self.save_total_limit, allow_none=True)
+        return errors
+
+
+@dataclass
+class ModelSection:
+    """What model to train and how to load it (`model_cfg/*`)."""
+
+    model_name_or_path: str = MISSING  # hub id, local dir, or rlt:tiny / rlt:tiny-wide / rlt:smollm2-135m
+    tokenizer_name_or_path: str | None = None  # null = same as the model
+    model_revision: str | None = None
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights as loaded)
+    attn_implementation: str | None = None  # null = transformers' default (sdpa); eager | sdpa | flash_attention_2
+    trust_remote_code: bool = False
+    pad_token: str | None = None  # null = repair automatically (never pad == eos)
+    use_peft: bool = False  # LoRA adapters instead of full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes nf4); CUDA only
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        _one_of(errors, "torch_dtype", self.torch_dtype, TORCH_DTYPES)
+        if self.attn_implementation is not None:
+            _one_of(errors, "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _positive(errors, "lora_r", self.lora_r)
+        _positive(errors, "lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if not self.lora_target_modules:
+            errors.append("lora_target_modules must name at least one module (or ['all-linear'])")
+        if self.load_in_4bit and not self.use_peft:
+            errors.append("load_in_4bit=true trains 4-bit weights only through adapters: set use_peft=true")
+        return errors
+
+
+@dataclass
+class DataSection:
+    """Where the data comes from and how rows become training examples (`data_cfg/*`)."""
+
+    dataset_id_or_path: str = MISSING  # hub id, local file/dir/glob, or synthetic:arithmetic
+    dataset_subset: str | None = None  # hub dataset config name (e.g. 'main' for openai/gsm8k)
+    data_format: str = MISSING  # gsm8k | alpaca | dolly | sharegpt | messages | text | prompt_completion
+    data_columns: dict[str, str] = field(default_factory=dict)  # logical name -> column (over the format defaults)
+    train_split: str = "train"
+    eval_split: str | None = "test"  # null or missing split = carve eval_fraction out of train
+    eval_fraction: float = 0.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    system_prompt: str | None = None
+    completion_style: str = "gsm8k"  # gsm8k data: gsm8k (worked answer + '#### n') | reasoning_answer_tags
+    text_sample_by: str = "paragraph"  # text corpora: one example per paragraph | line | document
+    synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic:arithmetic parameters (num_train, ...)
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        _one_of(errors, "data_format", self.data_format, DATA_FORMATS)
+        _one_of(errors, "completion_style", self.completion_style, COMPLETION_STYLES)
+        _one_of(errors, "text_sample_by", self.text_sample_by, TEXT_SAMPLE_BY)
+        if not 0 <= self.eval_fraction < 1:
+            errors.append(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+        _positive(errors, "max_train_samples", self.max_train_samples, allow_none=True)
+        _positive(errors, "max_eval_samples", self.max_eval_samples, allow_none=True)
+        return errors
+
+
+@dataclass
+class OptimSection:
+    """Optimisation and batch geometry shared by every trainer (`trainer_cfg/*`)."""
+
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_steps: int = -1  # optimizer steps; -1 = run num_train_epochs
+    num_train_epochs: float = 1.0
+    train_batch_size: int = 8  # sequences per optimizer step, over all processes
+    per_device_train_batch_size: int = 8  # micro-batch per forward/backward
+    gradient_accumulation_steps: int | None = None  # null = train_batch_size / (per_device × world size)
+    per_device_eval_batch_size: int = 8
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | no
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = None  # evaluate every N steps (null = only at the end, if there is eval data)
+    eval_on_start: bool = False  # evaluate before the first step (shows the starting loss)
+    early_stopping_patience: int | None = None  # stop after N evals without eval_loss improvement
+
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def derived_gradient_accumulation_steps(self) -> int:
+        """GA = train_batch_size / (per_device_train_batch_size × world), e.g. 64 / (4 × 2) = 8."""
+        return self.train_batch_size // (self.per_device_train_batch_size * self.world_size())
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        _positive(errors, "learning_rate", self.learning_rate)
+        _one_of(errors, "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.weight_decay < 0:
+            errors.append(f"weight_decay={self.weight_decay} must be >= 0")
+        for k in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                errors.append(f"{k}={getattr(self, k)} must be in [0, 1)")
+        _positive(errors, "adam_epsilon", self.adam_epsilon)
+        _positive(errors, "max_grad_norm", self.max_grad_norm)
+        if self.max_steps == 0 or self.max_steps < -1:
+            errors.append(f"max_steps={self.max_steps} must be > 0 (or -1 to run num_train_epochs)")
+        if self.max_steps == -1:
+            _positive(errors, "num_train_epochs", self.num_train_epochs)
+        _positive(errors, "train_batch_size", self.train_batch_size)
+        _positive(errors, "per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive(errors, "per_device_eval_batch_size", self.per_device_eval_batch_size)
+        _one_of(errors, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _positive(errors, "eval_steps", self.eval_steps, allow_none=True)
+        _positive(errors, "early_stopping_patience", self.early_stopping_patience, allow_none=True)
+        if self.train_batch_size > 0 and self.per_device_train_batch_size > 0:
+            world = self.world_size()
+            per_step = self.per_device_train_batch_size * world
+            if self.train_batch_size % per_step:
+                errors.append(
+                    f"train_batch_size={self.train_batch_size} is not divisible by per_device_train_batch_size="
+                    f"{self.per_device_train_batch_size} × world size {world} = {per_step}: choose train_batch_size "
+                    f"as a multiple of {per_step}")
+            elif (self.gradient_accumulation_steps is not None
+                  and self.gradient_accumulation_steps != self.derived_gradient_accumulation_steps()):
+                errors.append(
+                    f"gradient_accumulation_steps={self.gradient_accumulation_steps} contradicts train_batch_size="
+                    f"{self.train_batch_size} / (per_device_train_batch_size={self.per_device_train_batch_size} × "
+                    f"world size {world}) = {self.derived_gradient_accumulation_steps()}: set it to null")
+        return errors
+
+
+@dataclass
+class SFTSection:
+    """Supervised fine-tuning on TRL's SFTTrainer (`trainer_cfg/sft.yaml`)."""
+
+    max_length: int = 1024  # tokens per example; longer examples are truncated (counted in the log)
+    packing: bool = False  # pack several examples per sequence (TRL bfd packing)
+    completion_only_loss: bool | None = None  # null = loss on the completion for chat data, on all text for corpora
+    eval_accuracy_samples: int = 0  # gsm8k data: greedy accuracy on N eval problems before and after training
+    eval_max_new_tokens: int = 64
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        if self.max_length < 16:
+            errors.append(f"max_length={self.max_length} must be >= 16")
+        if self.eval_accuracy_samples < 0:
+            errors.append(f"eval_accuracy_samples={self.eval_accuracy_samples} must be >= 0")
+        _positive(errors, "eval_max_new_tokens", self.eval_max_new_tokens)
+        return errors
+
+
+@dataclass
+class SFTRunConfig(RunSection, ModelSection, DataSection, OptimSection, SFTSection):
+    """Every key of an SFT run (`trainer_cfg=sft`)."""
+
+    def problems(self) -> list[str]:
+        errors = []
+        for section in (RunSection, ModelSection, DataSection, OptimSection, SFTSection):
+            errors += section.problems(self)
+        if self.data_format == "text" and self.completion_only_loss:
+            errors.append("completion_only_loss=true needs prompt/completion data, but data_format=text has no "
+                          "completion: set completion_only_loss=null")
+        if self.data_format != "gsm8k" and self.eval_accuracy_samples:
+            errors.append(f"eval_accuracy_samples={self.eval_accuracy_samples} needs data_format=gsm8k "
+                          f"(got {self.data_format!r})")
+        if self.early_stopping_patience is not None:
+            if self.eval_steps is None:
+                errors.append("early_stopping_patience needs eval_steps (evaluations to compare)")
+            elif self.save_steps % self.eval_steps:
+                errors.append(f"early_stopping_patience keeps the best checkpoint, so save_steps={self.save_steps} "
+                              f"must be a multiple of eval_steps={self.eval_steps}")
+        return errors
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTRunConfig}
+
+
+def _schema_keys(schema: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default  # MISSING is the string "???", which OmegaConf reads as a missing value
+
+
+def all_defaults() -> dict[str, Any]:
+    """The default of every key of every algorithm: the base layer of the composed config (`rlt_defaults`).
+
+    Having every key in the composed config lets users override any key by its short name (`use_peft=true`), even
+    if no YAML file mentions it; keys of other algorithms left at their defaults are dropped by `validate`.
+    """
+    out: dict[str, Any] = {}
+    for schema in SCHEMAS.values():
+        for f in dataclasses.fields(schema):
+            out.setdefault(f.name, _field_default(f))
+    return out
+
+
+def register_defaults() -> None:
+    """Register `all_defaults()` as the config node `rlt_defaults` that cfgs/train.yaml lists first."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="rlt_defaults", node=all_defaults())
+
+
+def _unknown_key_message(key: str, schema: type, algorithm: str) -> str:
+    owners = [name for name, s in SCHEMAS.items() if name != algorithm and key in _schema_keys(s)]
+    if owners:
+        return f"{key}: not used by algorithm={algorithm} (it is a key of {', '.join(owners)})"
+    close = difflib.get_close_matches(key, sorted(_schema_keys(schema)), n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{key}: unknown key{hint}"
+
+
+def validate(cfg: DictConfig | dict) -> Any:
+    """Check a composed config and return the typed run config (an `SFTRunConfig`, ...).
+
+    Raises:
+        ConfigError: listing every problem found, one per line, each naming the key and the numbers.
+    """
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config does not resolve: {e}") from None
+    raw.pop("hydra", None)
+    algorithm = raw.get("algorithm")
+    if algorithm not in SCHEMAS:
+        raise ConfigError(f"algorithm={algorithm!r} is not one of {sorted(SCHEMAS)} (it is set by trainer_cfg)")
+    schema = SCHEMAS[algorithm]
+    typed = OmegaConf.structured(schema)
+    defaults = all_defaults()
+    errors: list[str] = []
+    for key, value in raw.items():
+        if key not in _schema_keys(schema):
+            if key not in defaults or value != defaults[key]:  # a key of another algorithm left at its default is fine
+                errors.append(_unknown_key_message(key, schema, algorithm))
+            continue
+        try:
+            typed[key] = value
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            errors.append(f"{key}={value!r}: wrong type ({msg})")
+    errors += [f"{k}: missing value (set it in the run config or on the command line)"
+               for k in sorted(OmegaConf.missing_keys(typed))]
+    if errors:
+        raise ConfigError(_format(errors))
+    run = OmegaConf.to_object(typed)
+    errors = run.problems()
+    if errors:
+        raise ConfigError(_format(errors))
+    if run.gradient_accumulation_steps is None:
+        run.gradient_accumulation_steps = run.derived_gradient_accumulation_steps()
+    return run
+
+
+def _format(errors: list[str]) -> str:
+    return "invalid config:\n" + "\n".join(f"  - {e}" for e in errors)
+
+
+def to_yaml(run: Any) -> str:
+    """The validated config as YAML (what `--print-config` shows and what is saved in the run dir)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
