@@ -34,6 +34,9 @@ REPORT_TO = ("wandb", "tensorboard", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_FORMATS = ("gsm8k", "alpaca", "dolly", "sharegpt", "messages", "text", "prompt_completion")
 COMPLETION_STYLES = ("gsm8k", "reasoning_answer_tags")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+GENERATION_BACKENDS = ("hf", "vllm_colocate", "vllm_server")
 TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 
@@ -261,7 +264,162 @@ class SFTRunConfig(RunSection, ModelSection, DataSection, OptimSection, SFTSecti
         return errors
 
 
-SCHEMAS: dict[str, type] = {"sft": SFTRunConfig}
+@dataclass
+class GRPOSection:
+    """GRPO on TRL's GRPOTrainer (`trainer_cfg/grpo.yaml`), rewards (`reward_cfg/*`) and generation backends.
+
+    Batch geometry, as in the reference RLT trainer: train_batch_size = completions per optimizer step (all
+    processes) = prompts × num_generations; the per-device micro-batch P drives accumulation GA; each generation
+    round samples P × world × generation_aggregation_steps completions (null = GA: one round per optimizer step).
+    """
+
+    num_generations: int = 8  # completions per prompt (the group of the advantage)
+    generation_aggregation_steps: int | None = None  # micro-batches generated together; null = GA (one round/step)
+    max_prompt_length: int = 512  # tokens (chat template applied); longer prompts are dropped and counted
+    max_completion_length: int = 256
+    temperature: float = 1.0  # sampling temperature; log-probs of the loss use the same temperature
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    loss_type: str = "grpo"  # grpo: per-sequence token mean (reference) | dr_grpo | dapo | bnpo
+    scale_rewards: str = "group"  # divide advantages by the group std (reference) | batch | none
+    beta: float = 0.04  # k3 KL weight against the reference model (0 = no reference model)
+    epsilon: float = 0.2  # PPO clip (no effect at num_iterations=1)
+    epsilon_high: float | None = None  # DAPO clip-higher; null = epsilon
+    num_iterations: int = 1  # optimisation passes per generation batch
+    sync_ref_model: bool = False  # TR-DPO style: ref <- alpha * policy + (1 - alpha) * ref every N steps
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    mask_truncated_completions: bool = False  # exclude completions cut at max_completion_length from the loss
+    reward_funcs: list[dict[str, Any]] = field(default_factory=list)  # [{_target_: dotted.path, kwarg: value}]
+    reward_weights: list[float] | None = None  # null = all 1
+    nonfinite_reward_penalty: float = -1.0  # a NaN/inf/None reward becomes this value (and is counted)
+    generation_backend: str = "hf"  # hf (transformers generate) | vllm_colocate | vllm_server
+    vllm_gpu_memory_utilization: float = 0.3  # GPU: fraction of the device vLLM reserves (weights + KV cache)
+    vllm_kv_cache_memory_bytes: int | None = None  # KV cache size; null = 64 MiB on CPU, from utilization on GPU
+    vllm_enable_sleep_mode: bool = True  # GPU: free vLLM memory during the optimizer step (ignored on CPU)
+    vllm_max_model_len: int | None = None  # null = max_prompt_length + max_completion_length
+    vllm_enable_prefix_caching: bool = True
+    vllm_importance_sampling_correction: bool = True  # reweight by trainer/vLLM probability ratio (TRL's TIS)
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: int = 8000
+    vllm_server_timeout: float = 240.0
+    log_completions: bool = False  # print/log a sample of completions at each logging step
+
+    def generation_round(self) -> int:
+        """Completions sampled per generation round: P × world × G, e.g. 4 × 1 × 2 = 8."""
+        g = self.generation_aggregation_steps or self.derived_gradient_accumulation_steps()
+        return self.per_device_train_batch_size * self.world_size() * g
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        if self.num_generations < 2:
+            errors.append(f"num_generations={self.num_generations} must be >= 2 (advantages compare completions "
+                          "within a group)")
+        if self.train_batch_size < 1 or self.per_device_train_batch_size < 1:
+            return errors + ["GRPO batch geometry needs positive batch sizes (see above)"]
+        ga = self.derived_gradient_accumulation_steps()
+        g = self.generation_aggregation_steps
+        if ga < 1:
+            pass  # train_batch_size < per-device × world: reported by the optimisation section
+        elif g is not None and (g < 1 or ga % g):
+            errors.append(f"generation_aggregation_steps={g} must divide gradient_accumulation_steps={ga} "
+                          f"(= train_batch_size {self.train_batch_size} / (per_device_train_batch_size "
+                          f"{self.per_device_train_batch_size} × world size {self.world_size()})); "
+                          f"choose one of {[d for d in range(1, ga + 1) if ga % d == 0]}")
+        elif self.num_generations >= 2 and self.generation_round() % self.num_generations:
+            n = self.generation_round()
+            errors.append(f"a generation round of per_device_train_batch_size {self.per_device_train_batch_size} "
+                          f"× world size {self.world_size()} × generation_aggregation_steps {g or ga} = {n} "
+                          f"completions is not a multiple of num_generations={self.num_generations}")
+        if self.eval_steps and (self.per_device_eval_batch_size * self.world_size()) % self.num_generations:
+            errors.append(f"per_device_eval_batch_size={self.per_device_eval_batch_size} × world size "
+                          f"{self.world_size()} must be a multiple of num_generations={self.num_generations}")
+        _positive(errors, "max_prompt_length", self.max_prompt_length)
+        _positive(errors, "max_completion_length", self.max_completion_length)
+        _positive(errors, "temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            errors.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            errors.append(f"top_k={self.top_k} must be >= 1 (or null for no top-k)")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            errors.append(f"min_p={self.min_p} must be in [0, 1]")
+        _positive(errors, "repetition_penalty", self.repetition_penalty)
+        _one_of(errors, "loss_type", self.loss_type, LOSS_TYPES)
+        _one_of(errors, "scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        if self.beta < 0:
+            errors.append(f"beta={self.beta} must be >= 0")
+        _positive(errors, "epsilon", self.epsilon)
+        _positive(errors, "epsilon_high", self.epsilon_high, allow_none=True)
+        _positive(errors, "num_iterations", self.num_iterations)
+        if self.sync_ref_model:
+            if self.beta == 0:
+                errors.append("sync_ref_model=true needs a reference model: set beta > 0")
+            if self.use_peft:
+                errors.append("sync_ref_model=true cannot be used with use_peft=true (the reference model is the "
+                              "policy with its adapters disabled)")
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            errors.append(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1]")
+        _positive(errors, "ref_model_sync_steps", self.ref_model_sync_steps)
+        errors += _reward_problems(self.reward_funcs, self.reward_weights)
+        _one_of(errors, "generation_backend", self.generation_backend, GENERATION_BACKENDS)
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            errors.append(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
+        _positive(errors, "vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes, allow_none=True)
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < self.max_prompt_length + \
+                self.max_completion_length:
+            errors.append(f"vllm_max_model_len={self.vllm_max_model_len} is shorter than max_prompt_length "
+                          f"{self.max_prompt_length} + max_completion_length {self.max_completion_length}")
+        return errors
+
+
+def _reward_problems(reward_funcs: list[dict[str, Any]], weights: list[float] | None) -> list[str]:
+    """Each reward is {_target_: importable callable or class, **kwargs}; kwargs must bind to its signature."""
+    import importlib
+    import inspect
+
+    errors: list[str] = []
+    if not reward_funcs:
+        errors.append("reward_funcs is empty: select a reward_cfg (e.g. reward_cfg=gsm8k)")
+    for i, spec in enumerate(reward_funcs):
+        target = spec.get("_target_")
+        if not isinstance(target, str) or "." not in target:
+            errors.append(f"reward_funcs[{i}] needs `_target_: module.name` (got {target!r})")
+            continue
+        module_name, _, attr = target.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            errors.append(f"reward_funcs[{i}]._target_={target} cannot be imported ({e})")
+            continue
+        kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+        try:
+            inspect.signature(obj).bind_partial(**kwargs)
+        except TypeError as e:
+            errors.append(f"reward_funcs[{i}] ({target}): {e}")
+    if weights is not None and len(weights) != len(reward_funcs):
+        errors.append(f"reward_weights has {len(weights)} entries but reward_funcs has {len(reward_funcs)}")
+    return errors
+
+
+@dataclass
+class GRPORunConfig(RunSection, ModelSection, DataSection, OptimSection, GRPOSection):
+    """Every key of a GRPO run (`trainer_cfg=grpo`)."""
+
+    def problems(self) -> list[str]:
+        errors = []
+        for section in (RunSection, ModelSection, DataSection, OptimSection, GRPOSection):
+            errors += section.problems(self)
+        if self.data_format != "gsm8k":
+            errors.append(f"data_format={self.data_format!r}: GRPO needs prompts with a reference answer "
+                          "(data_format=gsm8k)")
+        if self.early_stopping_patience is not None:
+            errors.append("early_stopping_patience is not supported for GRPO (there is no eval loss to watch)")
+        return errors
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTRunConfig, "grpo": GRPORunConfig}
 
 
 def _schema_keys(schema: type) -> set[str]:

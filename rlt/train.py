@@ -45,10 +45,9 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
     if print_config:
         sys.stdout.write(to_yaml(run))
         return None
-    if run.algorithm == "sft":
-        from rlt.recipes import sft as recipe
-    else:  # pragma: no cover - validate() only accepts known algorithms
-        raise RltError(f"no recipe for algorithm={run.algorithm}")
+    import importlib
+
+    recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
     return recipe.train(run)
 
 

@@ -12,7 +12,8 @@ from .conftest import REPO
 
 RUN_CFGS = sorted(p.stem for p in (REPO / "cfgs" / "run_cfg").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (REPO / "cfgs" / g).glob("*.yaml"))
-          for g in ("model_cfg", "data_cfg", "trainer_cfg")}
+          for g in ("model_cfg", "data_cfg", "trainer_cfg", "reward_cfg")}
+BASE_RUN = {"trainer_cfg": lambda option: f"tiny_{option}", "reward_cfg": lambda option: "tiny_grpo"}
 
 
 @pytest.mark.parametrize("run_cfg", RUN_CFGS)
@@ -25,8 +26,9 @@ def test_every_run_config_validates(compose, run_cfg):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_group_option_composes_with_tiny_sft(compose, group, option):
-    overrides = ["run_cfg=tiny_sft", f"{group}={option}"]
+def test_every_group_option_composes_with_a_tiny_run(compose, group, option):
+    run_cfg = BASE_RUN.get(group, lambda option: "tiny_sft")(option)
+    overrides = [f"run_cfg={run_cfg}", f"{group}={option}"]
     if option == "text_corpus":
         overrides.append("dataset_id_or_path=corpus.txt")
     validate(compose(overrides))

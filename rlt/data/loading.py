@@ -448,6 +448,7 @@ def prepare_gsm8k_eval(
 def gsm8k_prompt_dataset(
     *,
     dataset_id_or_path: str,
+    dataset_subset: str | None = None,
     split: str = "train",
     data_columns: Mapping[str, str] | None = None,
     system_prompt: str | None = None,
@@ -457,6 +458,6 @@ def gsm8k_prompt_dataset(
 ) -> Dataset:
     """`prepare_gsm8k_eval` as a `datasets.Dataset` with columns ``prompt``, ``answer``, ``question`` (for GRPO:
     TRL passes the extra columns to reward functions as keyword arguments)."""
-    items = prepare_gsm8k_eval(dataset_id_or_path=dataset_id_or_path, split=split, data_columns=data_columns,
+    items = prepare_gsm8k_eval(dataset_id_or_path=dataset_id_or_path, dataset_subset=dataset_subset, split=split, data_columns=data_columns,
                                system_prompt=system_prompt, max_samples=max_samples, synthetic=synthetic, seed=seed)
     return Dataset.from_list(items)

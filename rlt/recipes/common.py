@@ -1,0 +1,135 @@
+"""What every recipe does the same way: run dir, tokenizer/model from the model keys, the TrainingArguments shared by
+TRL's configs, callbacks, resume, the final save and the summary. Recipes stay short and read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, set_seed
+
+from rlt.checkpoints import CompleteCheckpointCallback, atomic_write_text, last_complete_checkpoint
+from rlt.config import to_yaml
+from rlt.models import load_model, load_tokenizer, make_lora_config
+from rlt.tracking import JsonlMetricsCallback, configure_reporting
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(run) -> Path:
+    """Create the run dir, save the validated config in it, and seed everything."""
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(run))
+    set_seed(run.seed)
+    return out
+
+
+def tokenizer_for(run):
+    return load_tokenizer(run.tokenizer_name_or_path or run.model_name_or_path, revision=run.model_revision,
+                          trust_remote_code=run.trust_remote_code, pad_token=run.pad_token)
+
+
+def model_for(run, tokenizer, name_or_path: str | None = None):
+    return load_model(name_or_path or run.model_name_or_path, torch_dtype=run.torch_dtype,
+                      attn_implementation=run.attn_implementation, revision=run.model_revision,
+                      trust_remote_code=run.trust_remote_code, load_in_4bit=run.load_in_4bit, tokenizer=tokenizer)
+
+
+def peft_config_for(run):
+    if not run.use_peft:
+        return None
+    return make_lora_config(r=run.lora_r, alpha=run.lora_alpha, dropout=run.lora_dropout,
+                            target_modules=run.lora_target_modules)
+
+
+def mixed_precision_flags(choice: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments: auto = bf16 on a bf16-capable GPU, fp16 on an older GPU, fp32 on CPU."""
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            return False, False
+        return (True, False) if torch.cuda.is_bf16_supported() else (False, True)
+    return choice == "bf16", choice == "fp16"
+
+
+def training_args_kwargs(run, out: Path, *, has_eval: bool) -> dict:
+    """The TrainingArguments fields every recipe sets the same way from the shared keys."""
+    bf16, fp16 = mixed_precision_flags(run.mixed_precision)
+    early_stop = run.early_stopping_patience is not None
+    return dict(
+        output_dir=str(out),
+        seed=run.seed,
+        max_steps=run.max_steps,
+        num_train_epochs=run.num_train_epochs,
+        learning_rate=run.learning_rate,
+        lr_scheduler_type=run.lr_scheduler_type,
+        warmup_steps=run.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        weight_decay=run.weight_decay,
+        adam_beta1=run.adam_beta1,
+        adam_beta2=run.adam_beta2,
+        adam_epsilon=run.adam_epsilon,
+        max_grad_norm=run.max_grad_norm,
+        per_device_train_batch_size=run.per_device_train_batch_size,
+        per_device_eval_batch_size=run.per_device_eval_batch_size,
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=run.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if run.gradient_checkpointing else None,
+        eval_strategy="steps" if (has_eval and run.eval_steps) else "no",
+        eval_steps=run.eval_steps,
+        eval_on_start=run.eval_on_start and has_eval,
+        save_strategy="steps",
+        save_steps=run.save_steps,
+        save_total_limit=run.save_total_limit,
+        load_best_model_at_end=early_stop,
+        metric_for_best_model="eval_loss" if early_stop else None,
+        logging_steps=run.logging_steps,
+        report_to=configure_reporting(run.report_to, output_dir=str(out), project=run.wandb_project,
+                                      group=run.wandb_group, run_name=run.run_name, mode=run.wandb_mode),
+        run_name=run.run_name,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def callbacks_for(run, out: Path) -> list:
+    callbacks = [CompleteCheckpointCallback(), JsonlMetricsCallback(out / "metrics.jsonl")]
+    if run.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=run.early_stopping_patience))
+    return callbacks
+
+
+def resume_checkpoint(run, out: Path) -> str | None:
+    """`resume_from` if given, else the last complete checkpoint of this run dir (when `resume` is on)."""
+    ckpt = run.resume_from or (last_complete_checkpoint(out) if run.resume else None)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    return ckpt
+
+
+def save_final(trainer, tokenizer, final_dir: Path) -> str:
+    """Save model (or adapter) + tokenizer to a temp dir, then rename it into place: `final/` is complete or absent."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp))
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+    return str(final_dir)
+
+
+def finish(summary: dict, out: Path, lines: list[str]) -> dict:
+    """Write summary.json and print the user-facing report (run dir, the given result lines, where things are)."""
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    report = [f"done:         {summary['global_step']} optimizer steps", f"run dir:      {out}", *lines,
+              f"metrics:      {out / 'metrics.jsonl'}", f"checkpoints:  {out}/checkpoint-*"]
+    if "final_model" in summary:
+        report.append(f"final model:  {summary['final_model']}")
+    print("\n".join(["", "=" * 60, *report, "=" * 60]), flush=True)  # noqa: T201 - the user-facing summary
+    return summary
