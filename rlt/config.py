@@ -31,8 +31,14 @@ MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 REPORT_TO = ("wandb", "tensorboard", "none")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+              "adafactor", "sgd")  # 8-bit and paged variants need bitsandbytes (the `quant` extra) and CUDA
 WANDB_MODES = ("online", "offline", "disabled")
-DATA_FORMATS = ("gsm8k", "alpaca", "dolly", "sharegpt", "messages", "text", "prompt_completion")
+DATA_FORMATS = ("gsm8k", "alpaca", "dolly", "sharegpt", "messages", "text", "prompt_completion", "teacher")
+TEACHER_DATA_FORMATS = ("auto", "custom", "gsm8k", "stratos")
+TEACHER_STYLES = ("stratos", "r1")
+REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
+NORMALIZATIONS = (None, "none", "exp", "exp_norm")
 COMPLETION_STYLES = ("gsm8k", "reasoning_answer_tags")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -137,12 +143,17 @@ class DataSection:
     completion_style: str = "gsm8k"  # gsm8k data: gsm8k (worked answer + '#### n') | reasoning_answer_tags
     text_sample_by: str = "paragraph"  # text corpora: one example per paragraph | line | document
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic:arithmetic parameters (num_train, ...)
+    # data_format=teacher (RLT): rows with question/solution[/reasoning_trace], GSM8K rows, or Stratos conversations
+    teacher_data_format: str = "auto"  # auto (from the columns) | custom | gsm8k | stratos
+    teacher_format: dict[str, Any] = field(default_factory=lambda: {"style": "stratos"})  # tags + system prompts
 
     def problems(self) -> list[str]:
         errors: list[str] = []
         _one_of(errors, "data_format", self.data_format, DATA_FORMATS)
         _one_of(errors, "completion_style", self.completion_style, COMPLETION_STYLES)
         _one_of(errors, "text_sample_by", self.text_sample_by, TEXT_SAMPLE_BY)
+        _one_of(errors, "teacher_data_format", self.teacher_data_format, TEACHER_DATA_FORMATS)
+        _one_of(errors, "teacher_format.style", self.teacher_format.get("style", "stratos"), TEACHER_STYLES)
         if not 0 <= self.eval_fraction < 1:
             errors.append(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
         _positive(errors, "max_train_samples", self.max_train_samples, allow_none=True)
@@ -155,6 +166,7 @@ class OptimSection:
     """Optimisation and batch geometry shared by every trainer (`trainer_cfg/*`)."""
 
     learning_rate: float = 1e-5
+    optim: str = "adamw_torch"  # adamw_8bit / paged_adamw_8bit: 2 bytes of state per parameter instead of 8
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -184,6 +196,7 @@ class OptimSection:
     def problems(self) -> list[str]:
         errors: list[str] = []
         _positive(errors, "learning_rate", self.learning_rate)
+        _one_of(errors, "optim", self.optim, OPTIMIZERS)
         _one_of(errors, "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
@@ -252,6 +265,8 @@ class SFTRunConfig(RunSection, ModelSection, DataSection, OptimSection, SFTSecti
         if self.data_format == "text" and self.completion_only_loss:
             errors.append("completion_only_loss=true needs prompt/completion data, but data_format=text has no "
                           "completion: set completion_only_loss=null")
+        if self.data_format == "teacher" and self.completion_only_loss is False:
+            errors.append("data_format=teacher trains only on the explanation: completion_only_loss must not be false")
         if self.data_format != "gsm8k" and self.eval_accuracy_samples:
             errors.append(f"eval_accuracy_samples={self.eval_accuracy_samples} needs data_format=gsm8k "
                           f"(got {self.data_format!r})")
@@ -412,14 +427,83 @@ class GRPORunConfig(RunSection, ModelSection, DataSection, OptimSection, GRPOSec
         for section in (RunSection, ModelSection, DataSection, OptimSection, GRPOSection):
             errors += section.problems(self)
         if self.data_format != "gsm8k":
-            errors.append(f"data_format={self.data_format!r}: GRPO needs prompts with a reference answer "
+            errors.append(f"data_format={self.data_format!r}: plain GRPO needs prompts with a reference answer "
                           "(data_format=gsm8k)")
         if self.early_stopping_patience is not None:
             errors.append("early_stopping_patience is not supported for GRPO (there is no eval loss to watch)")
         return errors
 
 
-SCHEMAS: dict[str, type] = {"sft": SFTRunConfig, "grpo": GRPORunConfig}
+@dataclass
+class RLTSection:
+    """Teacher–student RLT (`trainer_cfg/teacher_grpo.yaml`, `reward_cfg/teacher_logprob_kl.yaml`): GRPO on the
+    teacher, rewarded by how well a frozen student reproduces the solution after its explanation (rlt-spec §2).
+    The reward keys keep the reference names."""
+
+    student_model: str | None = None  # null = the reference model (the initial teacher), as in the reference
+    offload_untrained_models: bool = True  # keep a separately loaded student on CPU between scoring rounds
+    teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
+    save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/
+    logging_prob: float = 0.1  # sample student chats to teacher_chats/log.txt
+    answer_log_prob_coeff: Any = field(default_factory=lambda: [1.0, 0.01])  # a: scalar or one per reduction
+    kl_penalty_reward_coeff: Any = field(default_factory=lambda: [3.0, 0.03])  # b: scalar or one per reduction
+    reduction_log_prob_fn: list[str] = field(default_factory=lambda: ["mean", "min"])
+    reduction_kl_fn: list[str] = field(default_factory=lambda: ["mean", "max"])
+    normalize_log_prob_fn: str | None = None  # null | exp | exp_norm
+    normalize_kl_fn: str | None = None
+    clip_log_prob: float | None = 1e5
+    clip_kl: float | None = 1e5
+    use_schulman_kl_estimation: bool = False  # k3 instead of k1 per-token KL estimate
+    not_matched_penalty: float = -1.0  # unclosed explanation; also the fill for empty spans / NaN terms
+    unbias_teacher_log_probs: bool = True  # teacher log-probs at the sampling temperature
+    unbias_student_log_probs_temp: float | None = None  # student temperature tau_S (null = 1)
+    include_teacher_think_entropy: bool = True  # false: -s_k instead of q_k - s_k (no teacher forward)
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        _positive(errors, "teacher_reward_batch_size", self.teacher_reward_batch_size)
+        for k in ("save_completions_probability", "logging_prob"):
+            if not 0 <= getattr(self, k) <= 1:
+                errors.append(f"{k}={getattr(self, k)} must be in [0, 1]")
+        for coeff, reductions in (("answer_log_prob_coeff", "reduction_log_prob_fn"),
+                                  ("kl_penalty_reward_coeff", "reduction_kl_fn")):
+            value, names = getattr(self, coeff), getattr(self, reductions)
+            for name in names:
+                _one_of(errors, reductions, name, REDUCTIONS)
+            if isinstance(value, list | tuple):
+                if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+                    errors.append(f"{coeff}={value} must be a number or a list of numbers")
+                elif len(value) != len(names):
+                    errors.append(f"{coeff} has {len(value)} entries but {reductions}={names} has {len(names)}: "
+                                  "pair one coefficient with each reduction, or give a scalar")
+            elif not isinstance(value, int | float) or isinstance(value, bool):
+                errors.append(f"{coeff}={value!r} must be a number or a list of numbers")
+        if isinstance(self.answer_log_prob_coeff, int | float) and self.answer_log_prob_coeff < 0:
+            errors.append(f"answer_log_prob_coeff={self.answer_log_prob_coeff} must be >= 0")
+        _one_of(errors, "normalize_log_prob_fn", self.normalize_log_prob_fn, NORMALIZATIONS)
+        _one_of(errors, "normalize_kl_fn", self.normalize_kl_fn, NORMALIZATIONS)
+        _positive(errors, "clip_log_prob", self.clip_log_prob, allow_none=True)
+        _positive(errors, "clip_kl", self.clip_kl, allow_none=True)
+        _positive(errors, "unbias_student_log_probs_temp", self.unbias_student_log_probs_temp, allow_none=True)
+        return errors
+
+
+@dataclass
+class RLTRunConfig(RunSection, ModelSection, DataSection, OptimSection, GRPOSection, RLTSection):
+    """Every key of an RLT teacher run (`trainer_cfg=teacher_grpo`)."""
+
+    def problems(self) -> list[str]:
+        errors = []
+        for section in (RunSection, ModelSection, DataSection, OptimSection, GRPOSection, RLTSection):
+            errors += section.problems(self)
+        if self.data_format != "teacher":
+            errors.append(f"data_format={self.data_format!r}: RLT trains on teacher prompts (data_format=teacher)")
+        if self.early_stopping_patience is not None:
+            errors.append("early_stopping_patience is not supported for RLT (there is no eval loss to watch)")
+        return errors
+
+
+SCHEMAS: dict[str, type] = {"sft": SFTRunConfig, "grpo": GRPORunConfig, "rlt": RLTRunConfig}
 
 
 def _schema_keys(schema: type) -> set[str]:

@@ -1,15 +1,50 @@
-"""GSM8K-style answer accuracy with greedy decoding (HF generate backend).
+"""GSM8K-style evaluation: greedy accuracy (pass@1) and sampled pass@k, with an HF or vLLM generation backend.
 
-`answer_from_completion` and `answers_match` are pure helpers; `gsm8k_accuracy` runs a model on chat prompts.
+    python -m rlt.evaluate --model results/demo/final --data ../shared/data/gsm8k --limit 200
+    python -m rlt.evaluate --model rlt:tiny --data synthetic:arithmetic --k 8 --temperature 0.7
+    python -m rlt.evaluate --model results/lora_run/final --data ../shared/data/gsm8k --backend vllm
+
+`--model` is a base model (local dir, hub id or `rlt:` name), a training checkpoint / final dir, or a LoRA adapter
+dir (has ``adapter_config.json``), which is merged into its base model. Prompts are built exactly as in training
+(`prepare_gsm8k_eval`, chat template with the generation prompt). Correctness uses the training reward's checker
+(`rlt.rewards.gsm8k.grade_completion`, math-verify): a completion is correct when its final answer (in
+``<answer>`` tags, else after ``####``, else its last number) equals the reference; ``strict_accuracy`` counts only
+answers inside the tags. Bad input (missing model, data without the columns, bad options) ends with a one-line
+error and exit status 2.
+
+Python API: `evaluate` (the whole run as a dict), `gsm8k_accuracy` (greedy accuracy of an in-memory model, used by
+the SFT recipe), `pass_at_k`, `generate_hf` / `generate_vllm`, `load_eval_model`, and the pure helpers
+`answer_from_completion` and `answers_match`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import math
+import os
 import re
-from fractions import Fraction
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from rlt.errors import ConfigError, ModelError, RltError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+DEFAULT_VLLM_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU cannot size its KV cache from free GPU memory
+REASONING_PROMPT_ALIAS = "@reasoning"  # --system-prompt @reasoning = rlt.data.formats.REASONING_SYSTEM_PROMPT
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------------------- pure helpers
 
 
 def answer_from_completion(text: str) -> str | None:
@@ -28,56 +63,443 @@ def answer_from_completion(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def _as_number(text: str | None) -> Fraction | None:
-    if text is None:
-        return None
-    m = _NUMBER_RE.search(text.replace("$", ""))
-    if m is None:
-        return None
-    try:
-        return Fraction(m.group(0).replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
 def answers_match(predicted: str | None, reference: str) -> bool:
-    """Numeric equality of the first number in each ("1,234" == "1234.0", "3/4" == "0.75"); text equality otherwise."""
-    p, r = _as_number(predicted), _as_number(reference)
-    if p is not None and r is not None:
-        return p == r
-    return predicted is not None and predicted.strip() == reference.strip()
+    """Whether `predicted` states the reference answer, with the training reward's math-verify checker
+    (`rlt.rewards.gsm8k.answers_equivalent`): "1,234" == "1234.0", "3/4" == "0.75", "\\boxed{12}" == "12"; text
+    equality when the reference is not math."""
+    from rlt.rewards.gsm8k import answers_equivalent
+
+    return answers_equivalent(predicted, reference)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimate from `n` samples of which `c` are correct: ``1 - C(n-c, k) / C(n, k)``, the
+    probability that at least one of `k` samples drawn without replacement from the `n` is correct.
+
+    Needs ``0 <= c <= n`` and ``1 <= k <= n``. ``pass_at_k(5, 2, 1) == 0.4``; ``pass_at_k(5, 2, 2) == 0.7``;
+    1.0 whenever ``n - c < k`` (every draw of k includes a correct sample).
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"pass_at_k: {name} must be an integer, got {value!r}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+def render_prompts(tokenizer, problems: Sequence[dict]) -> list[str]:
+    """Each problem's chat ``prompt`` rendered with the tokenizer's chat template and the generation prompt."""
+    return [tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True) for p in problems]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def generate_hf(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                num_samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
+    """`num_samples` completions per prompt text with ``model.generate``: greedy when ``temperature == 0``, else
+    pure temperature sampling (no top-k / top-p; the checkpoint's own sampling defaults are ignored).
+
+    Prompts are left-padded in batches of about `batch_size` sequences (``batch_size // num_samples`` prompts).
+    Texts are tokenized without adding special tokens (the chat template has them). The model's train/eval mode and
+    the tokenizer's padding side are restored afterwards.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    sample = temperature > 0
+    if not sample and num_samples > 1:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one completion)")
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None),
+        eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
+        **(dict(temperature=float(temperature), top_k=0, top_p=1.0) if sample else {}),
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    prompts_per_batch = max(1, batch_size // num_samples)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    results: list[list[str]] = []
+    try:
+        for start in range(0, len(texts), prompts_per_batch):
+            batch = list(texts[start:start + prompts_per_batch])
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**enc, generation_config=config)
+            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            results.extend(decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(batch)))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return results
+
+
+def make_vllm_engine(model_path: str, *, seed: int = 0, dtype: str = "auto",
+                     kv_cache_memory_bytes: int = DEFAULT_VLLM_KV_CACHE_BYTES, max_model_len: int | None = None):
+    """An in-process ``vllm.LLM`` for `model_path` (a local model directory). On CPU (no CUDA) vLLM cannot size
+    the KV cache from GPU memory and cannot capture CUDA graphs, so `kv_cache_memory_bytes` and
+    ``enforce_eager=True`` are passed. Raises `MissingExtraError` (naming the extra) when vllm is not installed."""
+    import torch
+
+    from rlt.utils.imports import require
+
+    vllm = require("vllm")
+    kwargs: dict[str, Any] = {"model": model_path, "seed": seed, "dtype": dtype}
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if not torch.cuda.is_available():
+        kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True)
+    logger.info("Starting vLLM engine for %s (%s)", model_path, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    return vllm.LLM(**kwargs)
+
+
+def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
+                  temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
+    """`num_samples` completions per prompt text with a ``vllm.LLM`` (see `make_vllm_engine`), same decoding as
+    `generate_hf`: greedy at temperature 0, else pure temperature sampling. Prompts are passed as token ids from
+    our tokenizer (``add_special_tokens=False``), so both backends see identical inputs."""
+    from vllm import SamplingParams
+
+    if num_samples > 1 and temperature <= 0:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one completion)")
+    params = SamplingParams(n=num_samples, temperature=max(float(temperature), 0.0), top_p=1.0,
+                            max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True)
+    prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[o.text for o in out.outputs] for out in outputs]
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def _grade(completion: str, answer: str) -> tuple[float, str | None]:
+    from rlt.rewards.gsm8k import grade_completion
+
+    return grade_completion(completion, answer)
 
 
 def gsm8k_accuracy(model, tokenizer, problems: list[dict], *, max_new_tokens: int = 64,
                    batch_size: int = 16) -> dict:
     """Greedy accuracy of `model` on `problems` = [{"prompt": chat messages, "answer": final answer}, ...].
 
+    A completion is correct when the training reward gives it any credit (`rlt.rewards.gsm8k.grade_completion`).
     Returns {"accuracy": float, "n": int, "predictions": [{"prompt", "completion", "predicted", "answer",
     "correct"}, ...]}.
     """
-    import torch
-
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    texts = render_prompts(tokenizer, problems)
+    completions = generate_hf(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     predictions = []
-    try:
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start:start + batch_size]
-            texts = [tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
-                     for p in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for p, text, completion in zip(batch, texts, completions, strict=True):
-                predicted = answer_from_completion(completion)
-                predictions.append({"prompt": text, "completion": completion, "predicted": predicted,
-                                    "answer": p["answer"], "correct": answers_match(predicted, p["answer"])})
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    for p, text, (completion,) in zip(problems, texts, completions, strict=True):
+        score, predicted = _grade(completion, p["answer"])
+        predictions.append({"prompt": text, "completion": completion, "predicted": predicted,
+                            "answer": p["answer"], "correct": score > 0})
     n = len(predictions)
     return {"accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0, "n": n, "predictions": predictions}
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+
+
+def is_lora_adapter(name_or_path: str) -> bool:
+    """True if `name_or_path` is a local directory holding a peft adapter (``adapter_config.json``)."""
+    return (Path(str(name_or_path)).expanduser() / "adapter_config.json").is_file()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the LoRA adapter config {adapter_dir / 'adapter_config.json'}: {e}") from e
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"LoRA adapter {adapter_dir} has no base_model_name_or_path in adapter_config.json; "
+                         "cannot tell which base model to merge it into")
+    return base
+
+
+def load_eval_model(name_or_path: str, *, torch_dtype: str = "auto"):
+    """``(model, tokenizer)`` ready for generation (eval mode, left padding).
+
+    A LoRA adapter dir is loaded onto its base model (``base_model_name_or_path`` in ``adapter_config.json``) and
+    merged (``PeftModel.from_pretrained(...).merge_and_unload()``); its tokenizer is the adapter dir's if it has one,
+    else the base model's. Raises `ModelError` for a missing directory or a model that cannot be loaded.
+    """
+    from rlt.models import load_model, load_tokenizer
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if _looks_like_local_path(name) and not path.exists():
+        raise ModelError(f"model directory '{name}' does not exist (resolved to '{path.resolve()}')")
+    if not is_lora_adapter(name):
+        tokenizer = load_tokenizer(name, padding_side="left")
+        model = load_model(name, torch_dtype=torch_dtype, tokenizer=tokenizer)
+        return model.eval(), tokenizer
+
+    base = _adapter_base(path)
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    try:
+        tokenizer = load_tokenizer(str(path) if has_tokenizer else base, padding_side="left")
+        model = load_model(base, torch_dtype=torch_dtype, tokenizer=tokenizer)
+    except ModelError as e:
+        raise ModelError(f"LoRA adapter {path}: cannot load its base model {base!r}: {e}") from e
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - shape mismatch, bad weights file, ...: report, not a bug in rlt
+        raise ModelError(f"cannot apply the LoRA adapter {path} to its base model {base!r}: "
+                         f"{type(e).__name__}: {str(e).strip()[:300]}") from e
+    logger.info("Merged LoRA adapter %s into its base model %s", path, base)
+    return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+def _check_options(*, split: str, limit: int | None, k: int, num_samples: int, temperature: float,
+                   max_new_tokens: int, batch_size: int, backend: str) -> None:
+    problems = []
+    if backend not in BACKENDS:
+        problems.append(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if not split:
+        problems.append("split must be a non-empty split name")
+    for name, value, low in (("limit", limit, 1), ("k", k, 1), ("max_new_tokens", max_new_tokens, 1),
+                             ("batch_size", batch_size, 1), ("num_samples", num_samples, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(k, int) and isinstance(num_samples, int) and num_samples < k:
+        problems.append(f"num_samples ({num_samples}) must be >= k ({k})")
+    if k > 1 and not (isinstance(temperature, int | float) and temperature > 0):
+        problems.append(f"pass@k with k={k} samples needs temperature > 0, got {temperature!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _hf_backend(model: str, torch_dtype: str, stack: ExitStack):
+    loaded, tokenizer = load_eval_model(model, torch_dtype=torch_dtype)
+
+    def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
+        return generate_hf(loaded, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           num_samples=num_samples, temperature=temperature, seed=seed)
+
+    return tokenizer, generate
+
+
+def _vllm_backend(model: str, torch_dtype: str, stack: ExitStack, *, seed: int, kv_cache_memory_bytes: int):
+    from rlt.models import load_tokenizer, resolve_model_path
+    from rlt.utils.imports import require
+
+    require("vllm")  # fail fast, before loading anything
+    if is_lora_adapter(model):  # vLLM gets a plain model dir: merge the adapter and save it to a temp dir
+        merged, tokenizer = load_eval_model(model, torch_dtype=torch_dtype)
+        model_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlt-eval-merged-"))
+        merged.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        del merged
+    else:
+        name = str(model)
+        if _looks_like_local_path(name) and not Path(name).expanduser().exists():
+            raise ModelError(f"model directory '{name}' does not exist (resolved to '{Path(name).expanduser().resolve()}')")
+        model_dir = resolve_model_path(name)
+        tokenizer = load_tokenizer(name, padding_side="left")
+    llm = make_vllm_engine(model_dir, seed=seed, dtype="auto" if torch_dtype == "auto" else torch_dtype,
+                           kv_cache_memory_bytes=kv_cache_memory_bytes)
+
+    def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
+        return generate_vllm(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                             temperature=temperature, seed=seed)
+
+    return tokenizer, generate
+
+
+def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = None,
+             system_prompt: str | None = None, k: int = 1, num_samples: int | None = None, temperature: float = 0.7,
+             max_new_tokens: int = 256, batch_size: int = 16, backend: str = "hf", seed: int = 0,
+             torch_dtype: str = "auto", data_columns: dict[str, str] | None = None,
+             kv_cache_memory_bytes: int = DEFAULT_VLLM_KV_CACHE_BYTES) -> dict:
+    """Evaluate `model` on the GSM8K-format `split` of `data` and return the results dict (see `main`).
+
+    Greedy decoding gives ``accuracy`` (pass@1) and ``strict_accuracy`` (answer inside ``<answer>`` tags). With
+    ``k > 1``, `num_samples` (default k) completions per problem are also sampled at `temperature`, and
+    ``pass_at_k`` is the mean of `pass_at_k(num_samples, correct, k)` over problems. `limit` keeps the first N
+    problems of the split, in file order. Raises `RltError` subclasses for bad options, data or models.
+    """
+    from rlt.data.formats import REASONING_SYSTEM_PROMPT
+    from rlt.data.loading import prepare_gsm8k_eval
+
+    num_samples = k if num_samples is None else num_samples
+    _check_options(split=split, limit=limit, k=k, num_samples=num_samples, temperature=temperature,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend)
+    if system_prompt == REASONING_PROMPT_ALIAS:
+        system_prompt = REASONING_SYSTEM_PROMPT
+    problems = prepare_gsm8k_eval(dataset_id_or_path=data, split=split, data_columns=data_columns,
+                                  system_prompt=system_prompt)
+    if limit is not None:
+        problems = problems[:limit]
+
+    with ExitStack() as stack:
+        if backend == "hf":
+            tokenizer, generate = _hf_backend(model, torch_dtype, stack)
+        else:
+            tokenizer, generate = _vllm_backend(model, torch_dtype, stack, seed=seed,
+                                                kv_cache_memory_bytes=kv_cache_memory_bytes)
+        texts = render_prompts(tokenizer, problems)
+        options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        logger.info("Generating greedy completions for %d problems (%s backend)", len(problems), backend)
+        greedy = generate(texts, num_samples=1, temperature=0.0, **options)
+        sampled: list[list[str]] | None = None
+        if k > 1:
+            logger.info("Sampling %d completions per problem at temperature %s for pass@%d", num_samples,
+                        temperature, k)
+            sampled = generate(texts, num_samples=num_samples, temperature=temperature, **options)
+
+    predictions = []
+    strict = 0
+    pass_values = []
+    for i, (problem, text) in enumerate(zip(problems, texts, strict=True)):
+        completion = greedy[i][0]
+        score, predicted = _grade(completion, problem["answer"])
+        strict += score >= 2.0
+        entry = {"question": problem["question"], "prompt": text, "completions": [completion],
+                 "predicted": predicted, "answer": problem["answer"], "correct": score > 0, "score": score}
+        if sampled is not None:
+            sample_correct = [_grade(c, problem["answer"])[0] > 0 for c in sampled[i]]
+            entry["completions"] += sampled[i]
+            entry["samples_correct"] = sum(sample_correct)
+            pass_values.append(pass_at_k(num_samples, sum(sample_correct), k))
+        predictions.append(entry)
+
+    n = len(predictions)
+    results: dict[str, Any] = {
+        "model": str(model), "data": str(data), "split": split, "n": n,
+        "accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0,
+        "strict_accuracy": strict / n if n else 0.0,
+    }
+    if sampled is not None:
+        results.update(pass_at_k=sum(pass_values) / n if n else 0.0, k=k, num_samples=num_samples,
+                       temperature=temperature)
+    results.update(backend=backend, max_new_tokens=max_new_tokens, system_prompt=system_prompt, seed=seed,
+                   predictions=predictions)
+    return results
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON to `path` through a temp file in the same directory + ``os.replace``: the file is either
+    the old one or complete, never half-written."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def default_output_path(model: str, data: str, split: str) -> Path:
+    """``results/eval/<model>__<data>__<split>.json`` with every name flattened to ``[A-Za-z0-9._-]``."""
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "x"
+
+    return Path("results") / "eval" / f"{slug(model)}__{slug(data)}__{slug(split)}.json"
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def _shorten(text: Any, width: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _print_summary(results: dict, output: Path, out: Callable[[str], None] = print) -> None:
+    line = f"accuracy {results['accuracy']:.4f} (strict, in <answer> tags: {results['strict_accuracy']:.4f})"
+    if "pass_at_k" in results:
+        line += f", pass@{results['k']} {results['pass_at_k']:.4f} ({results['num_samples']} samples at " \
+                f"temperature {results['temperature']})"
+    out(f"{results['model']} on {results['data']} [{results['split']}], n={results['n']}: {line}")
+    for p in results["predictions"][:3]:
+        out(f"- question: {_shorten(p['question'])}\n  completion: {_shorten(p['completions'][0])}\n"
+            f"  predicted: {p['predicted']!r}  answer: {p['answer']!r}  correct: {p['correct']}")
+    out(f"results: {output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlt.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="model dir / hub id / rlt: name, checkpoint, or LoRA adapter dir")
+    parser.add_argument("--data", required=True, help="GSM8K-format data: dir, file, hub id or synthetic:arithmetic")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    parser.add_argument("--system-prompt", default=None,
+                        help=f"system prompt, as in training (default none); {REASONING_PROMPT_ALIAS} = the "
+                             "<reasoning>/<answer> format prompt")
+    parser.add_argument("--k", type=int, default=1, help="pass@k: with k > 1, also sample completions per problem")
+    parser.add_argument("--num-samples", type=int, default=None, help="samples per problem for pass@k (default k)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pass@k")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backend", choices=BACKENDS, default="hf")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_VLLM_KV_CACHE_BYTES,
+                        help="vLLM on CPU: KV cache size")
+    parser.add_argument("--output", default=None,
+                        help="results JSON path (default results/eval/<model>__<data>__<split>.json)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = evaluate(model=args.model, data=args.data, split=args.split, limit=args.limit,
+                           system_prompt=args.system_prompt, k=args.k, num_samples=args.num_samples,
+                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, backend=args.backend, seed=args.seed, torch_dtype=args.dtype,
+                           kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+        output = args.output or default_output_path(args.model, args.data, args.split)
+        try:
+            path = write_json_atomic(output, results)
+        except OSError as e:
+            raise ConfigError(f"cannot write the results to {output}: {e}") from e
+    except RltError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    _print_summary(results, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,7 @@ def training_args_kwargs(run, out: Path, *, has_eval: bool) -> dict:
         max_steps=run.max_steps,
         num_train_epochs=run.num_train_epochs,
         learning_rate=run.learning_rate,
+        optim=run.optim,
         lr_scheduler_type=run.lr_scheduler_type,
         warmup_steps=run.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
         weight_decay=run.weight_decay,

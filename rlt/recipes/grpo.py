@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 from trl import GRPOConfig, GRPOTrainer
 
@@ -36,14 +37,22 @@ def train(run: GRPORunConfig) -> dict:
         eval_ds = drop_long_prompts(_prompts(run, run.eval_split, run.max_eval_samples), tokenizer,
                                     run.max_prompt_length, "eval")
     reward_funcs = build_reward_funcs(run.reward_funcs, penalty=run.nonfinite_reward_penalty)
+    return fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs)
+
+
+def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_trainer=None, callbacks=()) -> dict:
+    """Load the policy, build TRL's GRPOTrainer with the configured generator, train (resuming), save, report.
+    `on_trainer(trainer)` runs once the trainer exists (the RLT recipe links the teacher reward to it)."""
     model = common.model_for(run, tokenizer)
     args = GRPOConfig(**common.training_args_kwargs(run, out, has_eval=eval_ds is not None), **grpo_kwargs(run))
     with generation_backend(run):
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                               eval_dataset=eval_ds, processing_class=tokenizer,
-                              peft_config=common.peft_config_for(run), callbacks=common.callbacks_for(run, out))
+                              peft_config=common.peft_config_for(run),
+                              callbacks=[*common.callbacks_for(run, out), *callbacks])
+    if on_trainer is not None:
+        on_trainer(trainer)
 
-    # ---- train, save, report
     resume = common.resume_checkpoint(run, out)
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {"run_name": run.run_name, "output_dir": str(out), "resumed_from": resume,

@@ -13,6 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from rlt.config import SFTRunConfig
 from rlt.data.loading import prepare_gsm8k_eval, prepare_sft_datasets
+from rlt.data.teacher import prepare_teacher_datasets
 from rlt.evaluate import gsm8k_accuracy
 from rlt.recipes import common
 
@@ -31,7 +32,7 @@ def train(run: SFTRunConfig) -> dict:
 
     # ---- setup: tokenizer and data first, so data errors come before any weights load
     tokenizer = common.tokenizer_for(run)
-    train_ds, eval_ds = prepare_sft_datasets(**_data_kwargs(run))
+    train_ds, eval_ds = _datasets(run, tokenizer)
     accuracy_problems = _accuracy_problems(run) if run.eval_accuracy_samples else []
     model = common.model_for(run, tokenizer)
     args = SFTConfig(**common.training_args_kwargs(run, out, has_eval=eval_ds is not None),
@@ -69,13 +70,21 @@ def train(run: SFTRunConfig) -> dict:
     return common.finish(summary, out, lines)
 
 
-def _data_kwargs(run: SFTRunConfig) -> dict:
-    return dict(dataset_id_or_path=run.dataset_id_or_path, dataset_subset=run.dataset_subset,
-                data_format=run.data_format, data_columns=run.data_columns, train_split=run.train_split,
-                eval_split=run.eval_split, eval_fraction=run.eval_fraction, max_train_samples=run.max_train_samples,
-                max_eval_samples=run.max_eval_samples, system_prompt=run.system_prompt,
-                completion_style=run.completion_style, text_sample_by=run.text_sample_by, synthetic=run.synthetic,
-                seed=run.seed)
+def _datasets(run: SFTRunConfig, tokenizer):
+    """(train, eval) rows for SFTTrainer; for data_format=teacher the RLT warm-up: loss on the explanation only."""
+    if run.data_format == "teacher":
+        return prepare_teacher_datasets(
+            run.dataset_id_or_path, mode="sft", tokenizer=tokenizer, fmt=run.teacher_format, columns=run.data_columns,
+            split=run.train_split, eval_split=run.eval_split, data_format=run.teacher_data_format,
+            max_samples=run.max_train_samples, max_eval_samples=run.max_eval_samples, max_length=run.max_length,
+            synthetic=run.synthetic, subset=run.dataset_subset, seed=run.seed)
+    return prepare_sft_datasets(dataset_id_or_path=run.dataset_id_or_path, dataset_subset=run.dataset_subset,
+                                data_format=run.data_format, data_columns=run.data_columns,
+                                train_split=run.train_split, eval_split=run.eval_split,
+                                eval_fraction=run.eval_fraction, max_train_samples=run.max_train_samples,
+                                max_eval_samples=run.max_eval_samples, system_prompt=run.system_prompt,
+                                completion_style=run.completion_style, text_sample_by=run.text_sample_by,
+                                synthetic=run.synthetic, seed=run.seed)
 
 
 def _accuracy_problems(run: SFTRunConfig) -> list[dict]:

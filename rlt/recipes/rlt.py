@@ -1,0 +1,145 @@
+"""RLT recipe (Reinforcement Learning Teachers): GRPO on a teacher that sees question + solution and writes an
+explanation; its reward is how well a frozen student then reproduces the solution, minus a KL term (rlt-spec §2).
+
+setup (tokenizer, student tokenizer check → teacher RL prompts → student + reward) → `grpo.fit` with the teacher
+reward linked to the live policy → one line per step with the reward terms → save → summary.
+
+The student is the trainer's reference model when `student_model` is null (the reference's choice: it follows
+`sync_ref_model`), else a separately loaded frozen model kept on CPU between scoring rounds when
+`offload_untrained_models` is set. Student and teacher must share the tokenizer: checked before any weights load.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from rlt.config import RLTRunConfig
+from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets, student_chat
+from rlt.errors import ConfigError
+from rlt.models import load_tokenizer
+from rlt.recipes import common, grpo
+from rlt.rewards.build import build_reward_funcs
+from rlt.rewards.teacher import TeacherKLReward
+
+log = logging.getLogger(__name__)
+
+
+def train(run: RLTRunConfig) -> dict:
+    out = common.prepare_run_dir(run)
+
+    # ---- setup: tokenizers and prompts first, so their errors come before any weights load
+    tokenizer = common.tokenizer_for(run)
+    if run.student_model:
+        check_shared_tokenizer(tokenizer, load_tokenizer(run.student_model, revision=run.model_revision,
+                                                         trust_remote_code=run.trust_remote_code), run.student_model)
+    train_ds, eval_ds = prepare_teacher_datasets(
+        run.dataset_id_or_path, mode="rl", tokenizer=tokenizer, fmt=run.teacher_format, columns=run.data_columns,
+        split=run.train_split, eval_split=run.eval_split if run.eval_steps else None,
+        data_format=run.teacher_data_format, max_samples=run.max_train_samples,
+        max_eval_samples=run.max_eval_samples, max_prompt_tokens=run.max_prompt_length, synthetic=run.synthetic,
+        subset=run.dataset_subset, seed=run.seed)
+
+    # ---- student and rewards
+    share_reference = run.student_model is None and run.beta > 0 and not run.use_peft
+    student = None if share_reference else common.model_for(run, tokenizer, run.student_model)
+    reward_funcs = build_reward_funcs(
+        run.reward_funcs, penalty=run.nonfinite_reward_penalty, student_model=student, tokenizer=tokenizer,
+        teacher_format=run.teacher_format, temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
+        offload_untrained_models=run.offload_untrained_models)
+    teacher_rewards = [f.fn for f in reward_funcs if isinstance(f.fn, TeacherKLReward)]
+    recorder = CompletionRecorder(out, tokenizer, get_teacher_format(run.teacher_format),
+                                  run.save_completions_probability, run.logging_prob, seed=run.seed)
+    for f in reward_funcs:
+        if isinstance(f.fn, TeacherKLReward):
+            f.fn = recorder.wrap(f.fn)
+
+    def link(trainer):
+        """TRL does not pass models to reward functions: give the teacher reward the live policy (and the
+        reference model as the student when `student_model` is null)."""
+        for r in teacher_rewards:
+            r.set_teacher_model(trainer.model)
+            if share_reference:
+                r.set_student_model(trainer.ref_model, offload=False)
+
+    return grpo.fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs, on_trainer=link,
+                    callbacks=[RewardTermsLine()])
+
+
+def check_shared_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
+    """The reward scores the teacher's token ids with the student: same vocabulary and chat template required."""
+    problems = []
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        problems.append(f"vocabularies differ ({len(teacher_tok)} vs {len(student_tok)} tokens)")
+    if teacher_tok.chat_template != student_tok.chat_template:
+        problems.append("chat templates differ")
+    if problems:
+        raise ConfigError(f"student_model={student_name} does not share the teacher's tokenizer: "
+                          f"{'; '.join(problems)}. RLT needs one tokenizer for both (e.g. the same model family)")
+
+
+class CompletionRecorder:
+    """Samples what the teacher reward scored to disk: (prompt, completion, reward) rows with probability
+    `save_probability` to `stored_completions/step_<N>.csv`, and student chats with probability `chat_probability`
+    to `teacher_chats/log.txt` (rlt-spec §2, §3.4). Wraps the reward call: the rows are known only there."""
+
+    def __init__(self, out: Path, tokenizer, fmt, save_probability: float, chat_probability: float, seed: int):
+        self.out, self.tokenizer, self.fmt = out, tokenizer, fmt
+        self.save_probability, self.chat_probability = save_probability, chat_probability
+        self.rng = random.Random(seed)
+
+    def wrap(self, reward):
+        """`reward` with every call's rows offered to `record` (unchanged when nothing is sampled)."""
+        if not (self.save_probability or self.chat_probability):
+            return reward
+
+        def recorded(prompts, completions=None, **kwargs):
+            rewards = reward(prompts, completions, **kwargs)
+            self.record(prompts, completions, rewards, kwargs)
+            return rewards
+
+        return recorded
+
+    def record(self, prompts, completions, rewards, kwargs) -> None:
+        state = kwargs.get("trainer_state")
+        step = state.global_step if state is not None else 0
+        texts = completions or [""] * len(prompts)
+        rows = [i for i in range(len(prompts)) if self.rng.random() < self.save_probability]
+        if rows:
+            path = self.out / "stored_completions" / f"step_{step}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(["step", "prompt", "completion", "reward"])
+                writer.writerows([step, prompts[i], texts[i], rewards[i]] for i in rows)
+        chats = [i for i in range(len(prompts)) if self.rng.random() < self.chat_probability]
+        if chats and kwargs.get("question") and kwargs.get("solution"):
+            path = self.out / "teacher_chats" / "log.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            close = self.fmt.explanation_close
+            with open(path, "a") as f:
+                for i in chats:
+                    explanation = texts[i].split(close, 1)[0]
+                    chat = student_chat(kwargs["question"][i], explanation, kwargs["solution"][i], self.fmt,
+                                        self.tokenizer)
+                    f.write(f"=== step {step} reward {rewards[i]:.4f}\n{chat}\n")
+
+
+class RewardTermsLine(TrainerCallback):
+    """One line per logged step with the teacher reward and its terms (the full set is in metrics.jsonl)."""
+
+    KEYS = (("reward", "reward"), ("teacher_kl/log_prob_term", "log-prob term"), ("teacher_kl/kl_term", "kl term"),
+            ("teacher_kl/match_reward", "match"), ("teacher_kl/unclosed", "unclosed"),
+            ("completions/mean_length", "len"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "reward" in logs:
+            parts = [f"{label} {logs[key]:.4f}" for key, label in self.KEYS if key in logs]
+            print(f"step {state.global_step:>5} | " + " | ".join(parts), flush=True)  # noqa: T201
+        return control

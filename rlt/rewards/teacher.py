@@ -1,0 +1,573 @@
+"""The RLT teacher reward: how well a frozen student understands the solution after reading the teacher's explanation,
+minus how far the explanation is from what the student would have thought itself.
+
+For each teacher completion (the explanation the teacher wrote after ``explanation_open + padding``):
+
+1. Spans come from the **sampled token ids**, not from re-tokenised text. The explanation body is every completion
+   token that lies wholly before the first ``explanation_close`` (trailing special tokens such as eos are dropped
+   first). A token that straddles the closing tag (e.g. ``".<|"``) is not in the body; its text before the tag is
+   kept as "leftover" text and re-tokenised on the student side. No closing tag: the whole completion is the body and
+   the explanation is closed for scoring.
+2. Student sequence = tokens(student chat up to ``think_open + padding``) + body ids + tokens(leftover +
+   ``think_close`` + delimiter + solution block + end of turn), i.e. `rlt.data.teacher.student_chat` of the
+   explanation text ``padding + body + leftover``. The solution span is the tokens lying wholly inside the padded
+   solution content (located with the tokenizer's offsets; the tags are not in it). Teacher sequence = tokens(prompt)
+   (tokenised like TRL does) + body ids. Both models therefore score exactly the same explanation tokens.
+3. One forward per micro-batch and model, sequences sorted by length and left-padded, logits only for the scored
+   positions (``logits_to_keep``), ``log_softmax(logits / tau)`` in float32: student at
+   ``tau_S = unbias_student_log_probs_temp`` (None -> 1) gives ``l`` (solution span) and ``s_k`` (explanation span),
+   teacher at ``tau_T = temperature`` if ``unbias_teacher_log_probs`` (None -> True) else 1 gives ``q_k``.
+4. ``d_k = q_k - s_k`` (with ``use_schulman_kl_estimation``: ``d_k + exp(-d_k) - 1``); the no-entropy twin uses
+   ``-s_k`` in place of ``d_k`` (the same estimator transform applied with ``q_k = 0``). Per token: normalise
+   (``none``/``exp``/``exp_norm`` = 1 - e^-x), then clip (log-probs below at ``-clip_log_prob``, KL values above at
+   ``clip_kl``), then reduce (mean, sum, min, max, median, first_quartile, last_quartile; median and quartiles are
+   linear-interpolation quantiles). A list coefficient is paired elementwise with the list of reductions, a scalar
+   multiplies each of them; the weighted reductions are summed.
+
+Final reward::
+
+    r = sum_j a_j R^lp_j(l) - sum_j b_j R^kl_j(d) + r_format
+
+Penalties (``p = not_matched_penalty``, -1 by default; every case below is the same sign convention in the
+no-entropy twin):
+
+* ``r_format`` (logged as ``match_reward``) = ``p`` if the explanation is not closed, plus ``p`` if it is blank (no
+  token, or only whitespace).
+* The KL term is 0 when the KL is off (every KL coefficient 0: the teacher forward is skipped) or the explanation is
+  blank (the blank penalty above replaces it); if it is otherwise NaN/inf it contributes ``p`` (i.e. KL term = -p).
+* The log-prob term contributes ``p`` when the solution span is empty or the term is NaN/inf.
+
+With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
+(only the twin is computed). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call
+averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from rlt.data.teacher import TeacherFormat, get_teacher_format, student_chat_parts
+from rlt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
+NORMALIZATIONS = ("none", "exp", "exp_norm")
+_QUANTILES = {"median": 0.5, "first_quartile": 0.25, "last_quartile": 0.75}
+_LOGSOFTMAX_CHUNK = 512  # positions per float32 log_softmax chunk (bounds the float32 copy of the logits)
+
+
+# ------------------------------------------------------------------------------------------------------ pure math
+
+
+def reduce_values(values: torch.Tensor, name: str) -> float:
+    """One reduction of a 1-D float tensor; NaN for an empty tensor."""
+    if values.numel() == 0:
+        return math.nan
+    values = values.float()
+    if name == "mean":
+        return values.mean().item()
+    if name == "sum":
+        return values.sum().item()
+    if name == "min":
+        return values.min().item()
+    if name == "max":
+        return values.max().item()
+    if name in _QUANTILES:
+        return torch.quantile(values, _QUANTILES[name]).item()
+    raise ConfigError(f"unknown reduction {name!r}; expected one of {list(REDUCTIONS)}")
+
+
+def normalize_values(values: torch.Tensor, name: str | None) -> torch.Tensor:
+    """``none`` (identity), ``exp`` (e^x) or ``exp_norm`` (1 - e^-x)."""
+    if name is None or name == "none":
+        return values
+    if name == "exp":
+        return values.exp()
+    if name == "exp_norm":
+        return 1.0 - torch.exp(-values)
+    raise ConfigError(f"unknown normalisation {name!r}; expected one of {list(NORMALIZATIONS)} or null")
+
+
+def schulman_k3(d: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator from a k1 sample ``d = log q - log s``: ``d + e^-d - 1`` (>= 0)."""
+    return d + torch.exp(-d) - 1.0
+
+
+def _as_names(value: Any, what: str, allowed: Sequence[str]) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value) if value is not None else []
+    if not names:
+        raise ConfigError(f"{what} must name at least one reduction out of {list(allowed)}")
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ConfigError(f"{what} has unknown reduction(s) {bad}; expected some of {list(allowed)}")
+    return [str(n) for n in names]
+
+
+def _as_coefficients(value: Any, n: int, what: str) -> tuple[list[float], bool]:
+    """Coefficients paired with `n` reductions, and whether the config gave a scalar."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        coeffs, scalar = [float(value)] * n, True
+    elif isinstance(value, str) or value is None:
+        raise ConfigError(f"{what} must be a number or a list of numbers, got {value!r}")
+    else:
+        try:
+            coeffs, scalar = [float(v) for v in value], False
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{what} must be a number or a list of numbers, got {value!r}") from e
+        if len(coeffs) != n:
+            raise ConfigError(f"{what} has {len(coeffs)} coefficient(s) but there are {n} reduction(s); a list "
+                              "coefficient is paired elementwise with the list of reductions")
+    if not all(math.isfinite(c) for c in coeffs):
+        raise ConfigError(f"{what} must be finite, got {value!r}")
+    return coeffs, scalar
+
+
+def _normalization(value: Any, what: str) -> str:
+    name = "none" if value is None else str(value)
+    name = "none" if name in ("null", "None") else name
+    if name not in NORMALIZATIONS:
+        raise ConfigError(f"{what} must be one of {list(NORMALIZATIONS)} or null, got {value!r}")
+    return name
+
+
+def _clip_value(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive number or null, got {value!r}")
+    return float(value)
+
+
+def _unwrap(model):
+    for _ in range(8):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------- the reward
+
+
+class TeacherKLReward:
+    """TRL reward callable for RLT teachers (see the module docstring for the exact definition).
+
+    Args:
+        student_model: the frozen student (same tokenizer/vocabulary as the teacher). Put in eval mode with
+            gradients off.
+        tokenizer: the policy's tokenizer (fast tokenizer with a chat template).
+        teacher_model: the model whose log-probs give ``q_k``; for RLT the current policy. May be set later with
+            `set_teacher_model` (TRL does not pass the model to reward functions).
+        teacher_format: `TeacherFormat`, a style name (``"stratos"``/``"r1"``) or a mapping of its fields; must be
+            the format the RL prompts were built with (checked against the ``teacher_format`` column if present).
+        answer_log_prob_coeff / reduction_log_prob_fn: ``a`` and the reductions of the student's solution log-probs.
+        kl_penalty_reward_coeff / reduction_kl_fn: ``b`` and the reductions of the per-token KL. All-zero -> the
+            teacher forward is skipped; a negative scalar is allowed (it rewards divergence) with a warning.
+        normalize_log_prob_fn / normalize_kl_fn: ``None``/``"none"``, ``"exp"`` or ``"exp_norm"``.
+        clip_log_prob / clip_kl: clamp log-probs below at ``-clip_log_prob`` and KL values above at ``clip_kl``
+            (after normalisation); ``None`` = no clipping.
+        use_schulman_kl_estimation: k3 instead of k1 per-token estimate.
+        not_matched_penalty: ``p`` in the penalties (negative = a penalty).
+        unbias_teacher_log_probs: teacher at ``tau_T = temperature`` (None -> True) instead of 1.
+        unbias_student_log_probs_temp: ``tau_S`` (None -> 1).
+        include_teacher_think_entropy: False -> the reward uses ``-s_k`` instead of ``d_k`` (no teacher forward).
+        temperature: the teacher's sampling temperature (pass the trainer's; TRL's default is 1.0).
+        batch_size: sequences per scoring forward.
+        offload_untrained_models: keep the student on CPU between calls, moved to the scoring device for a call.
+        device: scoring device; default the teacher's device, else the student's current device.
+    """
+
+    def __init__(
+        self,
+        student_model,
+        tokenizer,
+        teacher_model=None,
+        *,
+        teacher_format: TeacherFormat | str | Mapping[str, Any] | None = None,
+        answer_log_prob_coeff: float | Sequence[float] = (1.0, 0.01),
+        kl_penalty_reward_coeff: float | Sequence[float] = (3.0, 0.03),
+        reduction_log_prob_fn: str | Sequence[str] = ("mean", "min"),
+        reduction_kl_fn: str | Sequence[str] = ("mean", "max"),
+        normalize_log_prob_fn: str | None = None,
+        normalize_kl_fn: str | None = None,
+        clip_log_prob: float | None = 1e5,
+        clip_kl: float | None = 1e5,
+        use_schulman_kl_estimation: bool = False,
+        not_matched_penalty: float = -1.0,
+        unbias_teacher_log_probs: bool | None = True,
+        unbias_student_log_probs_temp: float | None = None,
+        include_teacher_think_entropy: bool = True,
+        temperature: float = 1.0,
+        batch_size: int = 8,
+        offload_untrained_models: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.__name__ = "teacher_kl"
+        if tokenizer is None:
+            raise ConfigError("TeacherKLReward needs the policy's tokenizer")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("TeacherKLReward needs a fast tokenizer (offset mappings locate the solution span)")
+        self.tokenizer = tokenizer
+        self.fmt = get_teacher_format(teacher_format)
+
+        self.reduction_log_prob_fn = _as_names(reduction_log_prob_fn, "reduction_log_prob_fn", REDUCTIONS)
+        self.reduction_kl_fn = _as_names(reduction_kl_fn, "reduction_kl_fn", REDUCTIONS)
+        self.lp_coeffs, lp_scalar = _as_coefficients(answer_log_prob_coeff, len(self.reduction_log_prob_fn),
+                                                     "answer_log_prob_coeff")
+        if lp_scalar and self.lp_coeffs[0] < 0:
+            raise ConfigError(f"answer_log_prob_coeff must not be negative (it would reward the student for NOT "
+                              f"understanding the solution), got {answer_log_prob_coeff!r}")
+        self.kl_coeffs, kl_scalar = _as_coefficients(kl_penalty_reward_coeff, len(self.reduction_kl_fn),
+                                                     "kl_penalty_reward_coeff")
+        if kl_scalar and self.kl_coeffs[0] < 0:
+            logger.warning("kl_penalty_reward_coeff=%s is negative: the reward favours explanations the student "
+                           "would NOT have produced", kl_penalty_reward_coeff)
+        self.kl_active = any(c != 0 for c in self.kl_coeffs)
+        self.normalize_log_prob_fn = _normalization(normalize_log_prob_fn, "normalize_log_prob_fn")
+        self.normalize_kl_fn = _normalization(normalize_kl_fn, "normalize_kl_fn")
+        self.clip_log_prob = _clip_value(clip_log_prob, "clip_log_prob")
+        self.clip_kl = _clip_value(clip_kl, "clip_kl")
+        self.use_schulman_kl_estimation = bool(use_schulman_kl_estimation)
+        if not isinstance(not_matched_penalty, numbers.Real) or not math.isfinite(not_matched_penalty):
+            raise ConfigError(f"not_matched_penalty must be a finite number, got {not_matched_penalty!r}")
+        self.not_matched_penalty = float(not_matched_penalty)
+        if not isinstance(temperature, numbers.Real) or temperature <= 0:
+            raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.unbias_teacher_log_probs = True if unbias_teacher_log_probs is None else bool(unbias_teacher_log_probs)
+        self.teacher_temperature = self.temperature if self.unbias_teacher_log_probs else 1.0
+        if unbias_student_log_probs_temp is not None and (
+                not isinstance(unbias_student_log_probs_temp, numbers.Real) or unbias_student_log_probs_temp <= 0):
+            raise ConfigError(f"unbias_student_log_probs_temp must be a positive number or null, got "
+                              f"{unbias_student_log_probs_temp!r}")
+        self.student_temperature = 1.0 if unbias_student_log_probs_temp is None else float(unbias_student_log_probs_temp)
+        self.include_teacher_think_entropy = bool(include_teacher_think_entropy)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.offload_untrained_models = bool(offload_untrained_models)
+        self.device = torch.device(device) if device is not None else None
+
+        self.student_model = None
+        self.set_student_model(student_model)
+        self.teacher_model = teacher_model
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self._special_ids = set(tokenizer.all_special_ids)
+        self.last_terms: dict[str, list[float]] = {}
+
+    # --------------------------------------------------------------------------------------------------- setup
+
+    def set_student_model(self, student_model, *, offload: bool | None = None) -> None:
+        """Set the frozen student (eval mode, no gradients). It may be None at construction when the trainer's
+        reference model becomes the student later (rlt-spec §3.7: `student_model: null`); a shared reference model
+        stays where the trainer keeps it (`offload=False`)."""
+        if student_model is None:
+            return
+        vocab_rows = student_model.get_input_embeddings().weight.shape[0]
+        if vocab_rows < len(self.tokenizer):
+            raise ConfigError(f"the student's embedding has {vocab_rows} rows but the tokenizer has "
+                              f"{len(self.tokenizer)} tokens: the student must share the teacher's tokenizer")
+        self.student_model = student_model
+        student_model.requires_grad_(False)
+        student_model.eval()
+        self._offload_student = self.offload_untrained_models if offload is None else offload
+        if self._offload_student:
+            student_model.to("cpu")
+
+    def set_teacher_model(self, teacher_model) -> None:
+        """Link the model that scores the explanation (the RLT policy); TRL does not pass it to reward functions."""
+        self.teacher_model = teacher_model
+
+    @property
+    def needs_teacher_forward(self) -> bool:
+        return self.kl_active and self.include_teacher_think_entropy
+
+    def _scoring_device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        if self.teacher_model is not None:
+            return _model_device(self.teacher_model)
+        return _model_device(self.student_model)
+
+    # ------------------------------------------------------------------------------------------------ parsing
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _split_explanation(self, ids: list[int]) -> tuple[list[int], str, bool, str]:
+        """``(body_ids, leftover_text, closed, explanation_text)`` of completion ids (trailing special tokens
+        already removed); ``explanation_text`` = decoded body + leftover."""
+        close = self.fmt.explanation_close
+        text = self._decode(ids)
+        pos = text.find(close)
+        if pos < 0:
+            return ids, "", False, text
+        lo, hi = 0, len(ids)  # invariant: close not in decode(ids[:lo]) (or lo == 0), close in decode(ids[:hi])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if close in self._decode(ids[:mid]):
+                hi = mid
+            else:
+                lo = mid
+        k = hi - 1  # ids[hi - 1] completes the tag; step back to tokens wholly before it
+        before = text[:pos]
+        while k > 0 and not before.startswith(self._decode(ids[:k])):
+            k -= 1
+        return ids[:k], before[len(self._decode(ids[:k])):], True, before
+
+    def _solution_span(self, tail_text: str, solution: str) -> tuple[list[int], int, int]:
+        """Token ids of `tail_text` and the ``[start, end)`` token range lying wholly inside the padded solution."""
+        enc = self.tokenizer(tail_text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        block = self.fmt.solution_block(solution)
+        where = tail_text.rfind(block)
+        if where < 0 or not solution.strip():
+            return ids, 0, 0
+        lo = where + len(self.fmt.solution_open)
+        hi = lo + len(self.fmt.pad(solution))
+        inside = [t for t, (a, b) in enumerate(offsets) if a >= lo and b <= hi and b > a]
+        if not inside:
+            return ids, 0, 0
+        return ids, inside[0], inside[-1] + 1
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    @torch.no_grad()
+    def _token_logprobs(self, model, seqs: list[list[int]], starts: list[int], temperature: float,
+                        device: torch.device) -> list[torch.Tensor]:
+        """For each sequence, float32 CPU log-probs of ``seq[start:]`` under `model` at `temperature`.
+
+        Length-sorted micro-batches of `batch_size`, left padding with explicit position ids, and logits only for
+        the scored positions (``logits_to_keep``) when the model supports it.
+        """
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        todo = [i for i in range(len(seqs)) if len(seqs[i]) > starts[i]]
+        todo.sort(key=lambda i: len(seqs[i]), reverse=True)
+        keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        for b in range(0, len(todo), self.batch_size):
+            idx = todo[b: b + self.batch_size]
+            length = max(len(seqs[i]) for i in idx)
+            n_scored = [len(seqs[i]) - starts[i] for i in idx]
+            keep = max(n_scored) + 1
+            input_ids = torch.full((len(idx), length), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), length), dtype=torch.long)
+            for r, i in enumerate(idx):
+                input_ids[r, length - len(seqs[i]):] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[r, length - len(seqs[i]):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                          position_ids=positions.to(device), use_cache=False)
+            if keep_ok:
+                kwargs["logits_to_keep"] = keep
+            logits = model(**kwargs).logits
+            kept = logits.shape[1]
+            for r, i in enumerate(idx):
+                n = n_scored[r]
+                rows = logits[r, kept - 1 - n: kept - 1]
+                targets = torch.tensor(seqs[i][starts[i]:], dtype=torch.long, device=rows.device)
+                parts = []
+                for c in range(0, n, _LOGSOFTMAX_CHUNK):
+                    x = rows[c: c + _LOGSOFTMAX_CHUNK].float()
+                    if temperature != 1.0:
+                        x = x / temperature
+                    parts.append(x.gather(-1, targets[c: c + _LOGSOFTMAX_CHUNK, None]).squeeze(-1)
+                                 - torch.logsumexp(x, dim=-1))
+                out[i] = torch.cat(parts).cpu()
+            del logits
+        return out
+
+    def _run(self, model, seqs, starts, temperature, device) -> list[torch.Tensor]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._token_logprobs(model, seqs, starts, temperature, device)
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------- scoring
+
+    def _reduced(self, values: torch.Tensor, names: list[str], coeffs: list[float]) -> tuple[list[float], float]:
+        reductions = [reduce_values(values, n) for n in names]
+        score = sum(c * r for c, r in zip(coeffs, reductions, strict=True))
+        return reductions, score
+
+    def _lp_values(self, lp: torch.Tensor) -> torch.Tensor:
+        lp = normalize_values(lp, self.normalize_log_prob_fn)
+        return lp.clamp(min=-self.clip_log_prob) if self.clip_log_prob is not None else lp
+
+    def _kl_values(self, d: torch.Tensor) -> torch.Tensor:
+        if self.use_schulman_kl_estimation:
+            d = schulman_k3(d)
+        d = normalize_values(d, self.normalize_kl_fn)
+        return d.clamp(max=self.clip_kl) if self.clip_kl is not None else d
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str] | None = None,
+                 completion_ids: Sequence[Sequence[int]] | None = None, *, question: Sequence[str] | None = None,
+                 solution: Sequence[str] | None = None, teacher_format: Sequence[str] | None = None,
+                 teacher_token_logprobs: Sequence[Sequence[float]] | None = None, log_metric=None,
+                 **kwargs: Any) -> list[float]:
+        """One reward per completion. ``question``/``solution``/``teacher_format`` are the RL dataset's columns
+        (`rlt.data.teacher.teacher_rl_prompt`). ``teacher_token_logprobs`` (optional, one list per completion
+        aligned with ``completion_ids``) are the teacher's sampling log-probs at ``tau_T``; when given they replace
+        the teacher forward."""
+        n = len(prompts)
+        if question is None or solution is None:
+            raise ConfigError("TeacherKLReward needs the 'question' and 'solution' dataset columns (build the RL "
+                              "dataset with rlt.data.teacher.prepare_teacher_datasets(mode='rl'))")
+        if completion_ids is None and completions is None:
+            raise ConfigError("TeacherKLReward needs completion_ids (or completions)")
+        if len(question) != n or len(solution) != n:
+            raise ConfigError(f"TeacherKLReward got {n} prompts but {len(question)} questions and {len(solution)} "
+                              "solutions")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ConfigError("TeacherKLReward expects plain-string prompts (non-conversational RL rows)")
+        if teacher_format is not None:
+            other = sorted({f for f in teacher_format if f != self.fmt.fingerprint})
+            if other:
+                raise ConfigError(f"the RL rows were built with teacher format(s) {other} but the reward uses "
+                                  f"{self.fmt.fingerprint}: configure the same TeacherFormat for data and reward")
+        if completion_ids is None:
+            completion_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        p = self.not_matched_penalty
+
+        # ---- sequences and spans
+        prompt_cache: dict[str, list[int]] = {}
+        student_cache: dict[tuple[str, str], tuple[list[int], str]] = {}
+        s_seqs, s_starts, t_seqs, t_starts, info = [], [], [], [], []
+        for i in range(n):
+            ids = [int(t) for t in completion_ids[i]]
+            while ids and ids[-1] in self._special_ids:
+                ids.pop()
+            body, leftover, closed, explanation = self._split_explanation(ids)
+            blank = not explanation.strip()
+            key = (question[i], solution[i])
+            if key not in student_cache:
+                head, tail = student_chat_parts(question[i], solution[i], self.fmt, self.tokenizer)
+                # add_special_tokens=False like apply_chat_template(tokenize=True): the template has any bos
+                head_ids = self.tokenizer(head + self.fmt.delimiters_padding, add_special_tokens=False)["input_ids"]
+                student_cache[key] = (head_ids, tail)
+            head_ids, tail = student_cache[key]
+            tail_ids, sol_lo, sol_hi = self._solution_span(leftover + tail, solution[i])
+            s_seqs.append(head_ids + body + tail_ids)
+            s_starts.append(len(head_ids))
+            if prompts[i] not in prompt_cache:  # tokenised as TRL tokenises plain-string prompts for generation
+                prompt_cache[prompts[i]] = self.tokenizer(text=prompts[i])["input_ids"]
+            t_seqs.append(prompt_cache[prompts[i]] + body)
+            t_starts.append(len(prompt_cache[prompts[i]]))
+            info.append(dict(n_body=len(body), sol=(sol_lo, sol_hi), closed=closed, blank=blank))
+
+        # ---- forwards
+        device = self._scoring_device()
+        student = self.student_model
+        if student is None:
+            raise ConfigError("TeacherKLReward has no student model: pass student_model=... or call "
+                              "set_student_model(...) before training")
+        moved = _model_device(student) != device
+        if moved:
+            student.to(device)
+        try:
+            student_lp = self._run(student, s_seqs, s_starts, self.student_temperature, device)
+        finally:
+            if moved and self._offload_student:
+                student.to("cpu")
+        teacher_lp: list[torch.Tensor | None] = [None] * n
+        if self.needs_teacher_forward:
+            if teacher_token_logprobs is not None:
+                teacher_lp = [torch.tensor(list(teacher_token_logprobs[i])[: info[i]["n_body"]], dtype=torch.float32)
+                              for i in range(n)]
+            else:
+                if self.teacher_model is None:
+                    raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
+                                      "set_teacher_model(trainer.model) before training (or set "
+                                      "kl_penalty_reward_coeff to 0)")
+                rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
+                scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
+                                   self.teacher_temperature, device)
+                for i, lp in zip(rows, scored, strict=True):
+                    teacher_lp[i] = lp
+
+        # ---- terms
+        terms: dict[str, list[float]] = {}
+
+        def put(name: str, value: float) -> None:
+            terms.setdefault(name, []).append(float(value))
+
+        rewards = []
+        for i in range(n):
+            nb, (lo, hi) = info[i]["n_body"], info[i]["sol"]
+            lp_all = student_lp[i]
+            s_k, ell = lp_all[:nb], lp_all[nb + lo: nb + hi]
+            lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs)
+            if not math.isfinite(lp_term):
+                lp_term = p
+            blank = info[i]["blank"]
+            kl_term = ne_term = 0.0
+            kl_raw_mean = teacher_mean = math.nan
+            kl_red = [math.nan] * len(self.reduction_kl_fn)
+            ne_red = list(kl_red)
+            if self.kl_active and not blank:
+                ne_red, ne_term = self._reduced(self._kl_values(-s_k), self.reduction_kl_fn, self.kl_coeffs)
+                if not math.isfinite(ne_term):
+                    ne_term = -p
+                q_k = teacher_lp[i]
+                if q_k is not None:
+                    if q_k.numel() != s_k.numel():
+                        raise ConfigError(f"teacher_token_logprobs[{i}] has {q_k.numel()} values for the "
+                                          f"{s_k.numel()} explanation tokens")
+                    d = q_k - s_k
+                    kl_red, kl_term = self._reduced(self._kl_values(d), self.reduction_kl_fn, self.kl_coeffs)
+                    if not math.isfinite(kl_term):
+                        kl_term = -p
+                    kl_raw_mean, teacher_mean = d.mean().item(), q_k.mean().item()
+                else:
+                    kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
+            match = (p if not info[i]["closed"] else 0.0) + (p if blank else 0.0)
+            total = lp_term - kl_term + match
+            ne_total = lp_term - ne_term + match
+            reward = total if self.include_teacher_think_entropy else ne_total
+            rewards.append(reward)
+            put("reward", reward)
+            put("log_prob_term", lp_term)
+            put("kl_term", kl_term)
+            put("match_reward", match)
+            put("total_teacher_likelihood_reward", total)
+            put("no_entropy_kl_term", ne_term)
+            put("no_entropy_reward", ne_total)
+            put("unclosed", float(not info[i]["closed"]))
+            put("blank", float(blank))
+            put("explanation_tokens", nb)
+            put("solution_tokens", hi - lo)
+            put("log_prob_raw_mean", ell.mean().item() if ell.numel() else math.nan)
+            put("kl_raw_mean", kl_raw_mean)
+            put("teacher_think_log_prob_mean", teacher_mean)
+            put("student_think_log_prob_mean", s_k.mean().item() if s_k.numel() and not blank else math.nan)
+            for name, value in zip(self.reduction_log_prob_fn, lp_red, strict=True):
+                put(f"log_prob_{name}", value)
+            for name, value, ne_value in zip(self.reduction_kl_fn, kl_red, ne_red, strict=True):
+                put(f"kl_{name}", value)
+                put(f"no_entropy_kl_{name}", ne_value)
+        self.last_terms = terms
+        if log_metric is not None:
+            for name, values in terms.items():
+                finite = [v for v in values if math.isfinite(v)]
+                if finite:
+                    log_metric(f"teacher_kl/{name}", sum(finite) / len(finite))
+        return rewards

@@ -1,0 +1,207 @@
+"""`python -m rlt.evaluate`: a real GSM8K slice with the tiny (random) model, pass@k, LoRA merge, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlt.evaluate import (
+    answer_from_completion,
+    answers_match,
+    evaluate,
+    gsm8k_accuracy,
+    is_lora_adapter,
+    load_eval_model,
+    main,
+    pass_at_k,
+    write_json_atomic,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = Path(__file__).resolve().parents[2] / "shared/data/gsm8k"
+needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"no GSM8K test set at {GSM8K}")
+
+
+# ----------------------------------------------------------------------------------------------------- pass@k
+
+
+@pytest.mark.parametrize(("n", "c", "k", "expected"), [
+    (5, 0, 1, 0.0),  # no correct sample
+    (5, 5, 3, 1.0),  # all correct
+    (5, 2, 1, 0.4),  # 1 - C(3,1)/C(5,1) = 1 - 3/5
+    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    (10, 1, 3, 0.3),  # 1 - C(9,3)/C(10,3) = 1 - 84/120
+    (10, 3, 8, 1.0),  # n - c = 7 < k = 8: every draw of 8 holds a correct sample
+    (4, 1, 4, 1.0),  # n == k: pass@k is "any correct"
+    (1, 0, 1, 0.0),
+    (200, 0, 100, 0.0),  # big binomials stay exact
+])
+def test_pass_at_k_hand_worked(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(5, 6, 1), (5, -1, 1), (5, 1, 0), (5, 1, 6), (5.0, 1, 1), (5, True, 1)])
+def test_pass_at_k_rejects_impossible_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_answer_helpers_use_the_reward_checker():
+    assert answer_from_completion("<answer>\n19\n</answer>") == "19"
+    assert answer_from_completion("so 3 + 4 = 7\n#### 7") == "7"
+    assert answer_from_completion("it is 1,234.") == "1,234"
+    assert answers_match("1,234", "1234.0") and answers_match("3/4", "0.75")
+    assert answers_match("\\boxed{12}", "12") and answers_match("abc", "abc")
+    assert not answers_match(None, "5") and not answers_match("-5", "5")
+
+
+def test_write_json_atomic_replaces_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "r.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": "é"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"a": "é"}
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]
+
+
+# ------------------------------------------------------------------------------------------------ real GSM8K
+
+
+def _gsm8k_first_answers(n):
+    from rlt.data.formats import gsm8k_final_answer
+
+    with open(GSM8K / "test.jsonl", encoding="utf-8") as f:
+        return [gsm8k_final_answer(json.loads(line)["answer"]) for line, _ in zip(f, range(n), strict=False)]
+
+
+@needs_gsm8k
+def test_cli_on_a_20_problem_gsm8k_slice(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    status = main(["--model", "rlt:tiny", "--data", str(GSM8K), "--split", "test", "--limit", "20",
+                   "--max-new-tokens", "16", "--batch-size", "10", "--output", str(out)])
+    assert status == 0
+    results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["model"] == "rlt:tiny" and results["data"] == str(GSM8K) and results["split"] == "test"
+    assert results["n"] == 20 and len(results["predictions"]) == 20
+    assert results["backend"] == "hf" and "pass_at_k" not in results
+    assert 0.0 <= results["strict_accuracy"] <= results["accuracy"] <= 1.0
+    assert results["accuracy"] == sum(p["correct"] for p in results["predictions"]) / 20
+    assert [p["answer"] for p in results["predictions"]] == _gsm8k_first_answers(20)  # first 20, file order
+    for p in results["predictions"]:
+        assert set(p) >= {"question", "prompt", "completions", "predicted", "answer", "correct"}
+        assert p["question"] in p["prompt"] and p["prompt"].endswith("<|im_start|>assistant\n")
+        assert len(p["completions"]) == 1 and isinstance(p["completions"][0], str)
+        assert isinstance(p["correct"], bool)
+    assert [f.name for f in tmp_path.iterdir()] == ["results.json"]  # atomic write left no temp file
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and printed.count("- question:") == 3 and str(out) in printed
+
+
+@needs_gsm8k
+def test_pass_at_k_samples_and_system_prompt():
+    results = evaluate(model="rlt:tiny", data=str(GSM8K), limit=3, k=2, num_samples=3, temperature=1.0,
+                       max_new_tokens=8, batch_size=4, system_prompt="@reasoning")
+    assert results["k"] == 2 and results["num_samples"] == 3 and results["temperature"] == 1.0
+    assert 0.0 <= results["pass_at_k"] <= 1.0
+    for p in results["predictions"]:
+        assert len(p["completions"]) == 4  # greedy first, then 3 samples
+        assert 0 <= p["samples_correct"] <= 3
+        assert "<|im_start|>system\nRespond in the following format" in p["prompt"]
+    assert results["pass_at_k"] == pytest.approx(
+        sum(pass_at_k(3, p["samples_correct"], 2) for p in results["predictions"]) / 3)
+
+
+def test_gsm8k_accuracy_api_for_the_sft_recipe(tiny_model_path):
+    from rlt.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = load_model(tiny_model_path, tokenizer=tokenizer)
+    model.train()
+    problems = [{"prompt": [{"role": "user", "content": "What is 2 plus 2?"}], "answer": "4"}] * 3
+    result = gsm8k_accuracy(model, tokenizer, problems, max_new_tokens=4, batch_size=2)
+    assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["predictions"][0]) == {"prompt", "completion", "predicted", "answer", "correct"}
+    assert model.training  # mode restored
+
+
+# -------------------------------------------------------------------------------------------------------- LoRA
+
+
+@needs_gsm8k
+def test_lora_adapter_is_detected_and_merged(tmp_path, tiny_model_path):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from rlt.models import load_model
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base_weight = load_model(tiny_model_path).state_dict()[key].clone()
+    # init_lora_weights=False: random A and B, so the merged weights differ from the base (B = 0 by default).
+    peft_model = get_peft_model(load_model(tiny_model_path), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    expected = peft_model.merge_and_unload().state_dict()[key]
+    assert is_lora_adapter(str(adapter)) and not is_lora_adapter(tiny_model_path)
+
+    model, tokenizer = load_eval_model(str(adapter))
+    assert not isinstance(model, PeftModel)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not torch.allclose(model.state_dict()[key], base_weight)
+    torch.testing.assert_close(model.state_dict()[key], expected)
+
+    out = tmp_path / "lora.json"
+    assert main(["--model", str(adapter), "--data", str(GSM8K), "--limit", "2", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 2
+
+
+def test_lora_adapter_with_missing_base_is_a_clean_error(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone"),
+                                                             "peft_type": "LORA"}))
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    assert main(["--model", str(adapter), "--data", str(data), "--split", "train",
+                 "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: LoRA adapter") and "gone" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------- CLI errors
+
+
+def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "rlt.evaluate", "--model", str(tmp_path / "no-such-model"),
+                           "--data", str(data), "--split", "train", "--output", str(tmp_path / "r.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model directory") and "no-such-model" in last
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_data_without_columns_exits_2(tmp_path, capsys):
+    (tmp_path / "test.jsonl").write_text(json.dumps({"q": "1+1?", "a": "#### 2"}) + "\n")
+    assert main(["--model", "rlt:tiny", "--data", str(tmp_path), "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no column 'question'" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["--k", "3", "--temperature", "0"],
+    ["--k", "4", "--num-samples", "2"],
+    ["--limit", "0"],
+    ["--split", "validation"],
+])
+def test_cli_bad_options_exit_2(tmp_path, capsys, args):
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    assert main(["--model", "rlt:tiny", "--data", str(tmp_path), "--output", str(tmp_path / "r.json"), *args]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

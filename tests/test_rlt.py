@@ -1,0 +1,87 @@
+"""RLT recipes on the tiny models: teacher SFT warm-up, 3-step teacher GRPO (hf and vllm_colocate), student sharing,
+tokenizer check, completion/chat sampling to disk, and validation of the RLT keys."""
+
+import csv
+
+import pytest
+
+from rlt.config import validate
+from rlt.errors import ConfigError
+from rlt.recipes.rlt import check_shared_tokenizer
+from rlt.tracking import read_metrics
+from rlt.train import run_training
+
+FAST = ["run_cfg=teacher_rlt_tiny", "max_steps=3", "save_steps=3", "train_batch_size=8",
+        "per_device_train_batch_size=4", "num_generations=4", "max_completion_length=24"]
+
+
+def _rlt(compose, tmp_path, *overrides):
+    return run_training(compose([*FAST, f"output_dir={tmp_path}", *overrides]))
+
+
+def test_teacher_sft_warmup_lowers_loss(compose, tmp_path):
+    summary = run_training(compose(["run_cfg=teacher_sft_tiny", f"output_dir={tmp_path}", "max_steps=20",
+                                    "eval_steps=20", "save_steps=20", "train_batch_size=8",
+                                    "per_device_train_batch_size=8", "max_eval_samples=8"]))
+    assert summary["global_step"] == 20
+    assert summary["eval_loss"] < summary["eval_loss_at_start"], summary
+
+
+def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
+    summary = _rlt(compose, tmp_path, "save_completions_probability=1.0", "logging_prob=1.0")
+    assert summary["global_step"] == 3
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward" in r]
+    assert len(records) == 3
+    for r in records:  # the reward terms are logged every step
+        for key in ("teacher_kl/log_prob_term", "teacher_kl/kl_term", "teacher_kl/match_reward", "kl"):
+            assert key in r, sorted(r)
+        assert r["reward"] == pytest.approx(r["teacher_kl/reward"], abs=1e-4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and "log-prob term" in lines[0] and "kl term" in lines[0]
+    with open(tmp_path / "stored_completions" / "step_0.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and rows[0]["prompt"].endswith("<|begin_of_explanation|>\n\n")
+    chats = (tmp_path / "teacher_chats" / "log.txt").read_text()
+    assert "<|begin_of_thought|>" in chats and "<|begin_of_solution|>" in chats
+
+
+def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path):
+    summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "beta=0.0", "max_steps=2")
+    assert summary["global_step"] == 2
+
+
+def test_student_with_another_tokenizer_is_rejected(tiny_model_path):
+    from rlt.models import load_tokenizer, resolve_model_path
+
+    tiny = load_tokenizer(tiny_model_path)
+    wide = load_tokenizer(resolve_model_path("rlt:tiny-wide"))
+    check_shared_tokenizer(tiny, wide, "rlt:tiny-wide")  # same offline tokenizer: accepted
+    other = load_tokenizer(tiny_model_path)
+    other.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ConfigError, match="does not share the teacher's tokenizer: chat templates differ"):
+        check_shared_tokenizer(tiny, other, "other")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["answer_log_prob_coeff=[1.0]"], r"answer_log_prob_coeff has 1 entries but reduction_log_prob_fn"),
+    (["kl_penalty_reward_coeff=abc"], r"kl_penalty_reward_coeff='abc' must be a number or a list"),
+    (["reduction_kl_fn=[mean,mode]"], r"reduction_kl_fn='mode' is not one of"),
+    (["normalize_kl_fn=log"], r"normalize_kl_fn='log' is not one of"),
+    (["logging_prob=2"], r"logging_prob=2.0 must be in \[0, 1\]"),
+    (["data_cfg=synthetic_arithmetic"], r"RLT trains on teacher prompts \(data_format=teacher\)"),
+    (["teacher_format={style: chatml}"], r"teacher_format.style='chatml' is not one of"),
+])
+def test_bad_rlt_config(compose, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(["run_cfg=teacher_rlt_tiny", *overrides]))
+
+
+def test_scalar_kl_coefficient_is_accepted(compose):
+    run = validate(compose(["run_cfg=teacher_rlt_tiny", "kl_penalty_reward_coeff=0.0"]))
+    assert run.reward_funcs[0]["kl_penalty_reward_coeff"] == 0.0
+
+
+@pytest.mark.vllm
+def test_teacher_grpo_three_steps_vllm_colocate(compose, tmp_path):
+    summary = _rlt(compose, tmp_path, "generation_backend=vllm_colocate")
+    assert summary["global_step"] == 3

@@ -1,0 +1,374 @@
+"""Tests for rlt.rewards.teacher.TeacherKLReward on the tiny model.
+
+The student is the tiny model with fixed seed-perturbed weights, the teacher is the tiny model itself. Rewards are
+checked against a slow, direct computation written here: one sequence at a time, the canonical tokenization of the
+full texts, token spans from character positions (cumulative decode lengths), log_softmax(logits / tau), plain-Python
+reductions (`statistics`), coefficients and penalties.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+from rlt.data.teacher import TeacherFormat, student_chat, teacher_rl_prompt
+from rlt.errors import ConfigError
+from rlt.rewards.teacher import TeacherKLReward
+
+FMT = TeacherFormat(teacher_system_prompt="Explain the solution.", student_system_prompt="Think, then answer.")
+QUESTION, SOLUTION = "What is 2 plus 3?", "5"
+CLOSE = "<|end_of_explanation|><|im_end|>"
+BODIES = ["2 + 3 = 5.\n\n", "First add 2 and 3. The sum is 5.\n\n", "Two plus three is five.\n\n", "5\n\n"]
+P = -1.0  # not_matched_penalty
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_path):
+    from rlt.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_path)
+    teacher = load_model(tiny_model_path, torch_dtype="float32")
+    student = load_model(tiny_model_path, torch_dtype="float32")
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    row = teacher_rl_prompt({"question": QUESTION, "solution": SOLUTION}, FMT, tok)
+    return tok, teacher, student, row
+
+
+def make_reward(setup, **kw):
+    tok, teacher, student, _ = setup
+    kw.setdefault("teacher_format", FMT)
+    return TeacherKLReward(student, tok, kw.pop("teacher_model", teacher), **kw)
+
+
+def call(reward, setup, completion_texts, **kw):
+    tok, _, _, row = setup
+    n = len(completion_texts)
+    completion_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completion_texts]
+    return reward(prompts=[row["prompt"]] * n, completions=completion_texts, completion_ids=completion_ids,
+                  question=[row["question"]] * n, solution=[row["solution"]] * n,
+                  teacher_format=[row["teacher_format"]] * n, trainer_state=None, log_extra=None, **kw)
+
+
+# ------------------------------------------------------------------------------------ the slow, direct reference
+
+
+_FORWARDS: dict = {}  # (id(model), text) -> (ids, per-token char spans, float64 logits): each text runs once
+
+
+def forward_once(model, tok, text):
+    key = (id(model), text)
+    if key not in _FORWARDS:
+        ids = tok(text)["input_ids"]
+        ends = [len(tok.decode(ids[: j + 1])) for j in range(len(ids))]  # cumulative decode lengths (ASCII text)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        _FORWARDS[key] = ids, list(zip([0, *ends[:-1]], ends, strict=True)), logits
+    return _FORWARDS[key]
+
+
+def span_logprobs(model, tok, text, lo, hi, tau):
+    """log_softmax(logits / tau) of the tokens of `text` lying wholly inside characters [lo, hi)."""
+    ids, spans, logits = forward_once(model, tok, text)
+    span = [j for j, (a, b) in enumerate(spans) if a >= lo and b <= hi]
+    assert span == list(range(span[0], span[-1] + 1)) if span else True
+    logp = torch.log_softmax(logits / tau, dim=-1)
+    return [ids[j] for j in span], [logp[j - 1, ids[j]].item() for j in span]
+
+
+def reduce_py(values, name):
+    if not values:
+        return math.nan
+    if name == "mean":
+        return sum(values) / len(values)
+    if name == "sum":
+        return sum(values)
+    if name in ("min", "max"):
+        return min(values) if name == "min" else max(values)
+    if name == "median":
+        return statistics.median(values)
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return quartiles[0] if name == "first_quartile" else quartiles[2]
+
+
+def transform(values, norm, clip_low=None, clip_high=None):
+    out = []
+    for v in values:
+        v = {"none": v, "exp": math.exp(v), "exp_norm": 1 - math.exp(-v)}[norm]
+        v = max(v, clip_low) if clip_low is not None else v
+        out.append(min(v, clip_high) if clip_high is not None else v)
+    return out
+
+
+def reference_terms(setup, body, *, a=(1.0, 0.01), b=(3.0, 0.03), red_lp=("mean", "min"), red_kl=("mean", "max"),
+                    tau_s=1.0, tau_t=1.0, schulman=False, norm_lp="none", norm_kl="none", clip_lp=1e5, clip_kl=1e5,
+                    entropy=True):
+    """(log-prob term, KL term) for the explanation `body` (the text between the padding and the closing tag)."""
+    tok, teacher, student, row = setup
+    explanation = FMT.delimiters_padding + body
+    s_text = student_chat(QUESTION, explanation, SOLUTION, FMT, tok)
+    b_lo = s_text.index(FMT.think_open) + len(FMT.think_open) + len(FMT.delimiters_padding)
+    sol = FMT.pad(SOLUTION)
+    sol_lo = s_text.rindex(FMT.solution_open + sol + FMT.solution_close) + len(FMT.solution_open)
+    s_ids, s_k = span_logprobs(student, tok, s_text, b_lo, b_lo + len(body), tau_s)
+    _, ell = span_logprobs(student, tok, s_text, sol_lo, sol_lo + len(sol), tau_s)
+    t_text = row["prompt"] + body
+    t_ids, q_k = span_logprobs(teacher, tok, t_text, len(row["prompt"]), len(t_text), tau_t)
+    assert t_ids == s_ids  # both models score the same explanation tokens
+
+    lp_vals = transform(ell, norm_lp, clip_low=-clip_lp)
+    lp_term = sum(c * reduce_py(lp_vals, r) for c, r in zip(a, red_lp, strict=True))
+    d = [q - s for q, s in zip(q_k, s_k, strict=True)] if entropy else [-s for s in s_k]
+    if schulman:
+        d = [x + math.exp(-x) - 1 for x in d]
+    kl_term = sum(c * reduce_py(transform(d, norm_kl, clip_high=clip_kl), r) for c, r in zip(b, red_kl, strict=True))
+    return lp_term, kl_term
+
+
+def reference_reward(setup, body, closed=True, **options):
+    lp_term, kl_term = reference_terms(setup, body, **options)
+    return lp_term - kl_term + (0.0 if closed else P)
+
+
+# ------------------------------------------------------------------------------------------------------- values
+
+
+CONFIGS = {
+    "recipe": dict(reward=dict(temperature=0.7, unbias_student_log_probs_temp=0.7),
+                   ref=dict(tau_s=0.7, tau_t=0.7)),
+    "every_option": dict(
+        reward=dict(answer_log_prob_coeff=[0.5, 2.0, 0.1], reduction_log_prob_fn=["median", "first_quartile", "sum"],
+                    kl_penalty_reward_coeff=[1.0, 0.5, 0.2, 0.1],
+                    reduction_kl_fn=["last_quartile", "min", "median", "sum"], use_schulman_kl_estimation=True,
+                    normalize_kl_fn="exp_norm", clip_log_prob=8.0, clip_kl=0.02, temperature=0.5,
+                    unbias_teacher_log_probs=False, unbias_student_log_probs_temp=1.3),
+        ref=dict(a=(0.5, 2.0, 0.1), red_lp=("median", "first_quartile", "sum"), b=(1.0, 0.5, 0.2, 0.1),
+                 red_kl=("last_quartile", "min", "median", "sum"), schulman=True, norm_kl="exp_norm", clip_lp=8.0,
+                 clip_kl=0.02, tau_s=1.3, tau_t=1.0)),
+    "exp_normalised": dict(reward=dict(normalize_log_prob_fn="exp", normalize_kl_fn="exp", temperature=0.9),
+                           ref=dict(norm_lp="exp", norm_kl="exp", tau_t=0.9)),
+    "no_entropy": dict(reward=dict(include_teacher_think_entropy=False), ref=dict(entropy=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_direct_computation(setup, name):
+    cfg = CONFIGS[name]
+    reward = make_reward(setup, batch_size=3, **cfg["reward"])
+    rewards = call(reward, setup, [body + CLOSE for body in BODIES] + [BODIES[0]])  # the last one is not closed
+    expected = [reference_reward(setup, body, **cfg["ref"]) for body in BODIES]
+    expected.append(reference_reward(setup, BODIES[0], closed=False, **cfg["ref"]))
+    assert rewards == pytest.approx(expected, abs=2e-5)
+    assert reward.last_terms["match_reward"] == [0.0] * len(BODIES) + [P]
+    assert reward.last_terms["explanation_tokens"][:2] == [9.0, 16.0]  # the sampled body tokens, tag excluded
+
+
+def test_solution_and_explanation_spans(setup):
+    tok = setup[0]
+    reward = make_reward(setup)
+    ids = tok(BODIES[1] + CLOSE, add_special_tokens=False)["input_ids"]
+    body, leftover, closed, _ = reward._split_explanation(ids[:-1])  # eos stripped, as __call__ does
+    assert tok.decode(body) == BODIES[1] and leftover == "" and closed
+    tail = "<|end_of_thought|>\n\n<|begin_of_solution|>\n\n5\n\n<|end_of_solution|><|im_end|>\n"
+    tail_ids, lo, hi = reward._solution_span(tail, SOLUTION)
+    # '|>\n' belongs to the open tag, so the span is the rest of the padded solution
+    assert [tok.decode([t]) for t in tail_ids[lo:hi]] == ["\n", "5", "\n", "\n"]
+
+
+def test_token_straddling_the_closing_tag(setup):
+    """A sampled token holding body text and the start of the tag ('.<|') is left out of the body; its body text
+    is re-tokenised on the student side as leftover text."""
+    tok = copy.deepcopy(setup[0])
+    tok.add_tokens([".<|"])
+    reward = make_reward(setup)
+    reward.tokenizer = tok
+    ids = tok("Sum is 5.<|end_of_explanation|>", add_special_tokens=False)["input_ids"]
+    assert ".<|" in [tok.decode([t]) for t in ids]
+    body, leftover, closed, text = reward._split_explanation(ids)
+    assert tok.decode(body) == "Sum is 5" and leftover == "." and closed and text == "Sum is 5."
+    body, leftover, closed, _ = reward._split_explanation(tok("Sum is 5.<|end_of_expl", add_special_tokens=False)
+                                                       ["input_ids"])
+    assert tok.decode(body) == "Sum is 5.<|end_of_expl" and leftover == "" and not closed
+
+
+def test_malformed_completions_get_the_penalty(setup):
+    tok = setup[0]
+    reward = make_reward(setup)
+    texts = ["no closing tag here", "<|im_end|>", "<|end_of_explanation|><|im_end|>",
+             "  \n\n<|end_of_explanation|><|im_end|>", "\n\n \n<|end_of_explanation|>", "", "Sum.<|end_of_explanation"]
+    rewards = call(reward, setup, texts)
+    terms = reward.last_terms
+    assert all(math.isfinite(r) for r in rewards)
+    assert terms["unclosed"] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert terms["blank"] == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert terms["match_reward"] == [P, 2 * P, P, P, P, 2 * P, P]
+    for i, r in enumerate(rewards):  # blank explanations: no KL term, the blank penalty instead
+        if terms["blank"][i]:
+            assert terms["kl_term"][i] == 0.0 and terms["no_entropy_kl_term"][i] == 0.0
+        assert r == pytest.approx(terms["log_prob_term"][i] - terms["kl_term"][i] + terms["match_reward"][i])
+    # an unclosed explanation is closed for scoring: same value as the reference with the tag appended
+    assert rewards[0] == pytest.approx(reference_reward(setup, "no closing tag here", closed=False), abs=2e-5)
+    # nothing but eos: an empty explanation, unclosed and blank; the solution is still scored after it
+    assert rewards[1] == pytest.approx(reference_terms(setup, "")[0] + 2 * P, abs=2e-5)
+    # an empty solution span (empty solution) gives the log-prob term the penalty
+    empty = reward(prompts=[setup[3]["prompt"]], completion_ids=[tok(BODIES[0] + CLOSE)["input_ids"]],
+                   question=[QUESTION], solution=[""])
+    assert reward.last_terms["log_prob_term"] == [P] and math.isfinite(empty[0])
+
+
+def test_batched_equals_unbatched(setup):
+    texts = [b + CLOSE for b in BODIES] + ["x" * 3 + " and more words to make it longer. " * 4 + CLOSE, "short"]
+    single = make_reward(setup, batch_size=1, temperature=0.7)
+    batched = make_reward(setup, batch_size=5, temperature=0.7)
+    r1, r2 = call(single, setup, texts), call(batched, setup, texts)
+    assert max(abs(x - y) for x, y in zip(r1, r2, strict=True)) <= 1e-5
+    for key, values in single.last_terms.items():
+        for x, y in zip(values, batched.last_terms[key], strict=True):
+            assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-5, key
+
+
+# ------------------------------------------------------------------------------------------------- coefficients
+
+
+def test_scalar_and_list_coefficients(setup):
+    texts = [b + CLOSE for b in BODIES]
+    scalar = call(make_reward(setup, answer_log_prob_coeff=2.0, kl_penalty_reward_coeff=0.5), setup, texts)
+    listed = call(make_reward(setup, answer_log_prob_coeff=[2.0, 2.0], kl_penalty_reward_coeff=[0.5, 0.5]), setup,
+                  texts)
+    assert scalar == pytest.approx(listed, abs=1e-9)
+    negative = make_reward(setup, kl_penalty_reward_coeff=-0.5)  # allowed (rewards divergence), must not crash
+    assert call(negative, setup, texts) == pytest.approx(
+        call(make_reward(setup, kl_penalty_reward_coeff=[-0.5, -0.5]), setup, texts), abs=1e-9)
+    assert call(make_reward(setup, reduction_log_prob_fn="mean", answer_log_prob_coeff=[1.0]), setup, texts) == \
+        pytest.approx([reference_reward(setup, b, a=(1.0,), red_lp=("mean",)) for b in BODIES], abs=2e-5)
+    with pytest.raises(ConfigError, match="paired elementwise"):
+        make_reward(setup, answer_log_prob_coeff=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="must not be negative"):
+        make_reward(setup, answer_log_prob_coeff=-1.0)
+    with pytest.raises(ConfigError, match="unknown reduction"):
+        make_reward(setup, reduction_kl_fn=["mean", "p90"])
+    with pytest.raises(ConfigError, match="normalize_kl_fn"):
+        make_reward(setup, normalize_kl_fn="softmax")
+
+
+class ForwardCounter:
+    def __init__(self, *models):
+        self.count = [0] * len(models)
+        self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(models)]
+
+    def _hook(self, i):
+        def hook(*_):
+            self.count[i] += 1
+        return hook
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("coeff", [0, [0.0, 0.0]])
+def test_zero_kl_coefficient_skips_the_teacher_forward(setup, coeff):
+    tok, teacher, student, _ = setup
+    texts = [b + CLOSE for b in BODIES]
+    expected = [reference_reward(setup, b, b=(0.0, 0.0)) for b in BODIES]
+    counter = ForwardCounter(teacher, student)
+    try:
+        no_teacher = TeacherKLReward(student, tok, None, teacher_format=FMT, kl_penalty_reward_coeff=coeff,
+                                     batch_size=2)
+        rewards = call(no_teacher, setup, texts)
+    finally:
+        counter.remove()
+    assert counter.count == [0, 2]  # no teacher forward; 4 completions in micro-batches of 2: 2 student forwards
+    assert no_teacher.last_terms["kl_term"] == [0.0] * 4
+    assert rewards == pytest.approx(expected, abs=2e-5)
+
+
+def test_one_forward_per_batch_and_model(setup):
+    teacher, student = setup[1], setup[2]
+    texts = [b + CLOSE for b in BODIES]
+    counter = ForwardCounter(teacher, student)
+    try:
+        call(make_reward(setup, batch_size=4), setup, texts)
+        assert counter.count == [1, 1]
+        call(make_reward(setup, batch_size=4, include_teacher_think_entropy=False), setup, texts)
+        assert counter.count == [1, 2]  # the no-entropy reward needs no teacher
+    finally:
+        counter.remove()
+
+
+def test_missing_teacher_and_format_mismatch(setup):
+    tok, _, student, row = setup
+    reward = TeacherKLReward(student, tok, teacher_format=FMT)
+    with pytest.raises(ConfigError, match="set_teacher_model"):
+        call(reward, setup, [BODIES[0] + CLOSE])
+    reward.set_teacher_model(setup[1])
+    assert call(reward, setup, [BODIES[0] + CLOSE]) == pytest.approx([reference_reward(setup, BODIES[0])], abs=2e-5)
+    with pytest.raises(ConfigError, match="teacher format"):
+        reward(prompts=[row["prompt"]], completion_ids=[[1, 2]], question=[QUESTION], solution=[SOLUTION],
+               teacher_format=[TeacherFormat.r1().fingerprint])
+    with pytest.raises(ConfigError, match="'question' and 'solution'"):
+        reward(prompts=[row["prompt"]], completion_ids=[[1, 2]])
+
+
+def test_sampling_logprobs_replace_the_teacher_forward(setup):
+    tok, teacher, _, row = setup
+    texts = [b + CLOSE for b in BODIES]
+    expected = [reference_reward(setup, b, tau_t=0.7) for b in BODIES]
+    teacher_lps = []
+    for body, text in zip(BODIES, texts, strict=True):
+        _, q_k = span_logprobs(teacher, tok, row["prompt"] + body, len(row["prompt"]), len(row["prompt"] + body), 0.7)
+        n_extra = len(tok(text, add_special_tokens=False)["input_ids"]) - len(q_k)
+        teacher_lps.append(q_k + [0.0] * n_extra)  # one value per sampled token, tag and eos included
+    counter = ForwardCounter(teacher)
+    try:
+        rewards = call(make_reward(setup, temperature=0.7), setup, texts, teacher_token_logprobs=teacher_lps)
+    finally:
+        counter.remove()
+    assert counter.count == [0]
+    assert rewards == pytest.approx(expected, abs=2e-5)
+
+
+# ------------------------------------------------------------------------------------------- logging / devices
+
+
+def test_logging_and_name(setup):
+    logged = {}
+    reward = make_reward(setup)
+    rewards = call(reward, setup, [b + CLOSE for b in BODIES] + ["<|end_of_explanation|>"],
+                   log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert reward.__name__ == "teacher_kl"
+    assert logged["teacher_kl/reward"] == pytest.approx(sum(rewards) / len(rewards))
+    for name in ("log_prob_term", "kl_term", "match_reward", "no_entropy_kl_term", "no_entropy_reward", "kl_mean",
+                 "kl_max", "log_prob_mean", "log_prob_min", "no_entropy_kl_mean", "unclosed", "blank"):
+        assert f"teacher_kl/{name}" in logged, name
+    assert logged["teacher_kl/kl_mean"] == pytest.approx(sum(reward.last_terms["kl_mean"][:4]) / 4)  # NaN skipped
+    assert all(len(v) == 5 for v in reward.last_terms.values())
+
+
+def test_offloading_moves_the_student_only_for_the_call(setup):
+    tok, teacher, student, _ = setup
+    moves = []
+    original_to = student.to
+
+    def spy(*args, **kwargs):
+        moves.append(str(args[0]))
+        return original_to(*args, **kwargs)
+
+    student.to = spy
+    try:
+        scoring = torch.device("cpu", 0)  # a device != the student's ("cpu") on a CPU-only machine
+        reward = TeacherKLReward(student, tok, teacher, teacher_format=FMT, offload_untrained_models=True,
+                                 device=scoring)
+        assert moves == ["cpu"]
+        call(reward, setup, [BODIES[0] + CLOSE])
+        assert moves == ["cpu", "cpu:0", "cpu"]
+        assert all(p.device.type == "cpu" for p in student.parameters())
+        assert not any(p.requires_grad for p in student.parameters()) and not student.training
+    finally:
+        del student.to
