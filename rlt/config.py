@@ -77,6 +77,8 @@ class RunSection:
     resume: bool = True  # continue from the last complete checkpoint in output_dir
     resume_from: str | None = None  # explicit checkpoint dir (wins over `resume`)
     save_final_model: bool = True  # model + tokenizer in ${output_dir}/final
+    memcheck: bool = True  # estimate peak GPU memory before loading weights; refuse a run that does not fit
+    memcheck_gpu_memory: str | None = None  # budget without a visible GPU, e.g. 85GB (GB = 1e9 B, GiB = 2^30 B)
 
     def problems(self) -> list[str]:
         errors: list[str] = []
@@ -89,6 +91,13 @@ class RunSection:
         _positive(errors, "logging_steps", self.logging_steps)
         _positive(errors, "save_steps", self.save_steps)
         _positive(errors, "save_total_limit", self.save_total_limit, allow_none=True)
+        if self.memcheck_gpu_memory is not None:
+            from rlt.memory import parse_size
+
+            try:
+                parse_size(self.memcheck_gpu_memory)
+            except ValueError as e:
+                errors.append(f"memcheck_gpu_memory: {e}")
         return errors
 
 

@@ -11,7 +11,6 @@ readable message and exit status 2; a traceback means a bug in rlt.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from rlt.errors import RltError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "cfgs"
 PRINT_CONFIG_FLAG = "--print-config"
-log = logging.getLogger("rlt")
 
 
 def resolve_output_dir(run) -> str:
@@ -47,6 +45,9 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         return None
     import importlib
 
+    from rlt.memcheck import check_before_training
+
+    check_before_training(run)
     recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
     return recipe.train(run)
 
@@ -63,7 +64,6 @@ def main() -> None:
         try:
             run_training(cfg, print_config=print_config)
         except RltError as e:
-            log.error("%s", e)
             sys.stderr.write(f"\nrlt: {e}\n")
             sys.exit(2)
 
