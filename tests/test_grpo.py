@@ -103,3 +103,15 @@ def test_summary_json(compose, tmp_path):
     _run(compose, tmp_path, "beta=0.0", "max_steps=1")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["global_step"] == 1 and "reward_last" in summary
+
+
+@pytest.mark.vllm
+def test_grpo_three_steps_vllm_colocate_weights_stay_synced(compose, tmp_path):
+    """With the CPU weight sync, vLLM samples from the current policy: TRL's importance-sampling ratio stays ~1."""
+    summary = _run(compose, tmp_path, "generation_backend=vllm_colocate", "vllm_kv_cache_memory_bytes=67108864")
+    assert summary["global_step"] == 3
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward" in r]
+    assert len(records) == 3
+    for r in records:
+        assert r["sampling/importance_sampling_ratio/min"] > 0.9, r
+        assert r["sampling/importance_sampling_ratio/max"] < 1.1, r
