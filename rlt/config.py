@@ -46,6 +46,19 @@ GENERATION_BACKENDS = ("hf", "vllm_colocate", "vllm_server")
 TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 
+def _is_server_url(url: str) -> bool:
+    """http(s)://HOST:PORT with an explicit port in [1, 65535] and nothing after it but an optional '/'."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port is not None and 0 < port < 65536
+            and parts.path in ("", "/") and not parts.query and not parts.fragment)
+
+
 def _one_of(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         errors.append(f"{key}={value!r} is not one of {list(allowed)}")
@@ -321,14 +334,19 @@ class GRPOSection:
     nonfinite_reward_penalty: float = -1.0  # a NaN/inf/None reward becomes this value (and is counted)
     generation_backend: str = "hf"  # hf (transformers generate) | vllm_colocate | vllm_server
     vllm_gpu_memory_utilization: float = 0.3  # GPU: fraction of the device vLLM reserves (weights + KV cache)
-    vllm_kv_cache_memory_bytes: int | None = None  # KV cache size; null = 64 MiB on CPU, from utilization on GPU
+    vllm_kv_cache_memory_bytes: int | None = None  # KV cache size; null = 1 GiB on CPU, from the utilization on GPU
     vllm_enable_sleep_mode: bool = True  # GPU: free vLLM memory during the optimizer step (ignored on CPU)
     vllm_max_model_len: int | None = None  # null = max_prompt_length + max_completion_length
     vllm_enable_prefix_caching: bool = True
     vllm_importance_sampling_correction: bool = True  # reweight by trainer/vLLM probability ratio (TRL's TIS)
-    vllm_server_host: str = "127.0.0.1"
+    vllm_server_host: str = "127.0.0.1"  # vllm_server: the one server used when vllm_server_urls is empty
     vllm_server_port: int = 8000
-    vllm_server_timeout: float = 240.0
+    vllm_server_timeout: float = 240.0  # vllm_server: seconds to wait for every server's /health at start-up
+    # vllm_server: base URLs of rlt vLLM servers (`python -m rlt.generation.vllm_server`; launch_multi.sh sets them),
+    # prompts are split across them; [] = the single server http://{vllm_server_host}:{vllm_server_port}
+    vllm_server_urls: list[str] = field(default_factory=list)
+    vllm_server_request_timeout: float = 600.0  # vllm_server: seconds one generate/weight-update request may take
+    vllm_server_gpu_memory_utilization: float = 0.9  # GPU share a dedicated server reserves (weights + KV cache)
     log_completions: bool = False  # print/log a sample of completions at each logging step
 
     def generation_round(self) -> int:
@@ -391,6 +409,18 @@ class GRPOSection:
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             errors.append(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1]")
         _positive(errors, "vllm_kv_cache_memory_bytes", self.vllm_kv_cache_memory_bytes, allow_none=True)
+        _positive(errors, "vllm_server_timeout", self.vllm_server_timeout)
+        _positive(errors, "vllm_server_request_timeout", self.vllm_server_request_timeout)
+        if not 0 < self.vllm_server_gpu_memory_utilization <= 1:
+            errors.append(f"vllm_server_gpu_memory_utilization={self.vllm_server_gpu_memory_utilization} must be in "
+                          "(0, 1]")
+        if not 0 < self.vllm_server_port < 65536:
+            errors.append(f"vllm_server_port={self.vllm_server_port} must be in [1, 65535]")
+        for i, url in enumerate(self.vllm_server_urls):
+            if not _is_server_url(url):
+                errors.append(f"vllm_server_urls[{i}]={url!r} must look like http://HOST:PORT (port in [1, 65535])")
+        if len(set(self.vllm_server_urls)) != len(self.vllm_server_urls):
+            errors.append(f"vllm_server_urls={self.vllm_server_urls} lists a server twice")
         if self.vllm_max_model_len is not None and self.vllm_max_model_len < self.max_prompt_length + \
                 self.max_completion_length:
             errors.append(f"vllm_max_model_len={self.vllm_max_model_len} is shorter than max_prompt_length "

@@ -38,3 +38,13 @@ def tiny_model_path():
     from rlt.models import resolve_model_path
 
     return resolve_model_path("rlt:tiny")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Building a vLLM engine sets RANK/WORLD_SIZE/MASTER_PORT/... in this process (as TRL does); left behind they
+    make later subprocesses (launchers, multirun) think they are distributed ranks. Every test starts clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
