@@ -126,7 +126,10 @@ def save_final(trainer, tokenizer, final_dir: Path) -> str:
 
 
 def finish(summary: dict, out: Path, lines: list[str]) -> dict:
-    """Write summary.json and print the user-facing report (run dir, the given result lines, where things are)."""
+    """Write summary.json and print the user-facing report (run dir, the given result lines, where things are);
+    on the main process only."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return summary
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     report = [f"done:         {summary['global_step']} optimizer steps", f"run dir:      {out}", *lines,
               f"metrics:      {out / 'metrics.jsonl'}", f"checkpoints:  {out}/checkpoint-*"]

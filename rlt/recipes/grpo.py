@@ -18,6 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlt.config import GRPORunConfig
 from rlt.data.loading import gsm8k_prompt_dataset
+from rlt.distributed import training_args_overrides
 from rlt.errors import DataError
 from rlt.recipes import common
 from rlt.rewards.build import build_reward_funcs
@@ -44,7 +45,7 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
     """Load the policy, build TRL's GRPOTrainer with the configured generator, train (resuming), save, report.
     `on_trainer(trainer)` runs once the trainer exists (the RLT recipe links the teacher reward to it)."""
     model = common.model_for(run, tokenizer)
-    args = GRPOConfig(**common.training_args_kwargs(run, out, has_eval=eval_ds is not None), **grpo_kwargs(run))
+    args = GRPOConfig(**{**common.training_args_kwargs(run, out, has_eval=eval_ds is not None), **grpo_kwargs(run)})
     with generation_backend(run):
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                               eval_dataset=eval_ds, processing_class=tokenizer,
@@ -100,13 +101,24 @@ def grpo_kwargs(run: GRPORunConfig) -> dict:
         vllm_server_port=run.vllm_server_port,
         vllm_server_timeout=run.vllm_server_timeout,
         log_completions=run.log_completions,
+        **training_args_overrides(),  # use_cpu=False under DeepSpeed on a CPU-only machine (launch_multi.sh --cpu)
     )
 
 
 @contextlib.contextmanager
 def generation_backend(run: GRPORunConfig):
-    """Trainers built inside use the configured generator: TRL's own for hf and vllm_server; for vllm_colocate our
-    engine, which also runs (and syncs weights) on CPU."""
+    """Trainers built inside use the configured generator: TRL's own for hf; for vllm_colocate our engine, which
+    also runs (and syncs weights) on CPU; for vllm_server our client to `rlt.generation.vllm_server` servers (several,
+    weight sync without NCCL, per-prompt sampling seeds, a clear error when a server dies)."""
+    if run.generation_backend == "vllm_server":
+        from rlt.generation.vllm_server import server_urls, use_vllm_servers
+
+        with use_vllm_servers(server_urls(run.vllm_server_urls, run.vllm_server_host, run.vllm_server_port),
+                              request_timeout=run.vllm_server_request_timeout, seed=run.seed,
+                              resume_hint=f"Restart the same command to resume from the last complete checkpoint "
+                                          f"in {run.output_dir}."):
+            yield
+        return
     if run.generation_backend != "vllm_colocate":
         yield
         return
