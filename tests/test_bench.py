@@ -1,0 +1,51 @@
+"""Smoke tests of the benchmarks (bench/*.py --quick): each runs end to end and prints its table and a JSON file.
+No performance assertions: the numbers depend on the machine and its load (docs/benchmarks.md)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, tmp_path: Path, *extra: str, timeout: int = 1200) -> tuple[str, dict]:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--json", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_generation_quick(tmp_path):
+    pytest.importorskip("vllm")
+    stdout, result = _run("generation.py", tmp_path)
+    assert "generation throughput, tokens/s" in stdout
+    assert "vllm/hf wall" in stdout and "rlt:tiny" in stdout
+    (model,) = result["results"]
+    (case,) = model["cases"]
+    assert case["runs"]["hf"][0]["tokens"] == case["runs"]["vllm"][0]["tokens"] == 8 * 16
+
+
+def test_grpo_step_quick(tmp_path):
+    pytest.importorskip("vllm")
+    stdout, result = _run("grpo_step.py", tmp_path)
+    assert "GRPO optimizer step on CPU" in stdout
+    for line in ("ours-hf / trl", "ours-vllm / trl", "where a steady step goes"):
+        assert line in stdout
+    assert set(result["summary"]["variants"]) == {"trl", "ours-hf", "ours-vllm"}
+    assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
+
+
+def test_learning_quick(tmp_path):
+    stdout, result = _run("learning.py", tmp_path, "--out", str(tmp_path / "runs"), "--grpo",
+                          "generation_backend=hf")
+    assert "GRPO learning benchmark" in stdout and "accuracy:" in stdout
+    assert set(result["phases"]) == {"sft", "eval_before", "grpo", "eval_after"}
+    assert 0.0 <= result["before"]["accuracy"] <= 1.0 and 0.0 <= result["after"]["accuracy"] <= 1.0
