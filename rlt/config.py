@@ -421,6 +421,16 @@ class GRPOSection:
                 errors.append(f"vllm_server_urls[{i}]={url!r} must look like http://HOST:PORT (port in [1, 65535])")
         if len(set(self.vllm_server_urls)) != len(self.vllm_server_urls):
             errors.append(f"vllm_server_urls={self.vllm_server_urls} lists a server twice")
+        processed = [f"{k}={v}" for k, v, plain in (
+            ("top_p", self.top_p, self.top_p >= 1), ("top_k", self.top_k, self.top_k is None),
+            ("min_p", self.min_p, not self.min_p), ("repetition_penalty", self.repetition_penalty,
+                                                    self.repetition_penalty == 1)) if not plain]
+        if self.generation_backend != "hf" and self.vllm_importance_sampling_correction and processed:
+            errors.append(f"vllm_importance_sampling_correction=true with {', '.join(processed)}: vLLM's sampling "
+                          "log-probs are then renormalised over the kept tokens while the trainer's are the full "
+                          "log_softmax(logits / temperature), so every ratio is biased below 1. Set "
+                          "vllm_importance_sampling_correction=false, or sample with top_p=1, top_k=null, "
+                          "min_p=null, repetition_penalty=1")
         if self.vllm_max_model_len is not None and self.vllm_max_model_len < self.max_prompt_length + \
                 self.max_completion_length:
             errors.append(f"vllm_max_model_len={self.vllm_max_model_len} is shorter than max_prompt_length "
@@ -482,6 +492,7 @@ class RLTSection:
     student_model: str | None = None  # null = the reference model (the initial teacher), as in the reference
     offload_untrained_models: bool = True  # keep a separately loaded student on CPU between scoring rounds
     teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
+    teacher_reuse_sampling_logprobs: bool = True  # vLLM's sampling log-probs at tau_T replace the teacher forward
     save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/
     logging_prob: float = 0.1  # sample student chats to teacher_chats/log.txt
     answer_log_prob_coeff: Any = field(default_factory=lambda: [1.0, 0.01])  # a: scalar or one per reduction

@@ -76,11 +76,19 @@ def test_geometry_of_the_85gb_plan_is_rejected_with_numbers(compose):
     (["generation_backend=sglang"], r"generation_backend='sglang' is not one of"),
     (["vllm_max_model_len=64"], r"vllm_max_model_len=64 is shorter than"),
     (["temperature=0"], r"temperature=0.0 must be > 0"),
+    (["generation_backend=vllm_colocate", "top_p=0.9", "min_p=0.05"],
+     r"vllm_importance_sampling_correction=true with top_p=0.9, min_p=0.05: vLLM's sampling log-probs"),
     (["eval_accuracy_samples=5"], r"eval_accuracy_samples: not used by algorithm=grpo \(it is a key of sft\)"),
 ])
 def test_bad_grpo_config(compose, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(["run_cfg=tiny_grpo", *overrides]))
+
+
+def test_logit_processing_is_fine_without_the_vllm_ratio(compose):
+    validate(compose(["run_cfg=tiny_grpo", "top_p=0.9"]))  # hf: the loss uses the full distribution, no ratio
+    validate(compose(["run_cfg=tiny_grpo", "generation_backend=vllm_colocate", "top_p=0.9",
+                      "vllm_importance_sampling_correction=false"]))
 
 
 def test_long_prompts_are_dropped_and_counted(caplog, tiny_model_path):

@@ -83,5 +83,16 @@ def test_scalar_kl_coefficient_is_accepted(compose):
 
 @pytest.mark.vllm
 def test_teacher_grpo_three_steps_vllm_colocate(compose, tmp_path):
-    summary = _rlt(compose, tmp_path, "generation_backend=vllm_colocate")
+    """With vLLM the teacher's q_k come from the sampling log-probs (no teacher forward in the reward); the first
+    step (same seed, same weights, same samples) scores the same as with the teacher forward."""
+    summary = _rlt(compose, tmp_path / "reuse", "generation_backend=vllm_colocate")
     assert summary["global_step"] == 3
+    reuse = [r for r in read_metrics(tmp_path / "reuse" / "metrics.jsonl") if "reward" in r]
+    assert len(reuse) == 3 and all(r["teacher_kl/reused_sampling_logprobs"] > 0 for r in reuse), reuse
+    _rlt(compose, tmp_path / "forward", "generation_backend=vllm_colocate", "teacher_reuse_sampling_logprobs=false",
+         "max_steps=1")
+    forward = [r for r in read_metrics(tmp_path / "forward" / "metrics.jsonl") if "reward" in r]
+    assert forward[0]["teacher_kl/reused_sampling_logprobs"] == 0
+    assert forward[0]["completions/mean_length"] == reuse[0]["completions/mean_length"]
+    for key in ("reward", "teacher_kl/kl_term", "teacher_kl/teacher_think_log_prob_mean"):
+        assert reuse[0][key] == pytest.approx(forward[0][key], abs=1e-4), key

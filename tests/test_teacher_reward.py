@@ -334,6 +334,46 @@ def test_sampling_logprobs_replace_the_teacher_forward(setup):
     assert rewards == pytest.approx(expected, abs=2e-5)
 
 
+def _sampling_logprobs(setup, texts, tau):
+    """What the trainer passes from vLLM: one log-prob per sampled token (body from the teacher, the rest 0)."""
+    tok, teacher, _, row = setup
+    out = []
+    for body, text in zip(BODIES, texts, strict=True):
+        _, q_k = span_logprobs(teacher, tok, row["prompt"] + body, len(row["prompt"]), len(row["prompt"] + body), tau)
+        out.append(q_k + [0.0] * (len(tok(text, add_special_tokens=False)["input_ids"]) - len(q_k)))
+    return out
+
+
+def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
+    """`rlt.trainers.GRPOTrainer` passes `sampling_logprobs` + `sampling_temperature`: at tau_T they replace the
+    teacher forward (same rewards); a row without them, or another temperature, or reuse off, is scored by the
+    forward."""
+    teacher = setup[1]
+    texts = [b + CLOSE for b in BODIES]
+    expected = [reference_reward(setup, b, tau_t=0.7) for b in BODIES]
+    given = _sampling_logprobs(setup, texts, 0.7)
+    counter = ForwardCounter(teacher)
+    try:
+        reward = make_reward(setup, temperature=0.7, batch_size=8)
+        rewards = call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[0.7] * 4)
+        assert counter.count == [0] and reward.last_reused_sampling_logprobs == 4
+        assert rewards == pytest.approx(expected, abs=2e-5)
+
+        partial = [given[0], None, given[2][:3], [None] + given[3][1:]]  # missing, too short, a None value
+        assert call(reward, setup, texts, sampling_logprobs=partial, sampling_temperature=0.7) == pytest.approx(
+            expected, abs=2e-5)
+        assert counter.count == [1] and reward.last_reused_sampling_logprobs == 1
+
+        call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[1.0] * 4)  # not tau_T
+        assert counter.count == [2] and reward.last_reused_sampling_logprobs == 0
+        off = make_reward(setup, temperature=0.7, reuse_sampling_logprobs=False)
+        assert call(off, setup, texts, sampling_logprobs=given, sampling_temperature=0.7) == pytest.approx(
+            expected, abs=2e-5)
+        assert counter.count == [3] and off.last_reused_sampling_logprobs == 0
+    finally:
+        counter.remove()
+
+
 # ------------------------------------------------------------------------------------------- logging / devices
 
 

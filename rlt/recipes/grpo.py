@@ -14,7 +14,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from rlt.config import GRPORunConfig
 from rlt.data.loading import gsm8k_prompt_dataset
@@ -22,6 +22,7 @@ from rlt.distributed import training_args_overrides
 from rlt.errors import DataError
 from rlt.recipes import common
 from rlt.rewards.build import build_reward_funcs
+from rlt.trainers import GRPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def train(run: GRPORunConfig) -> dict:
 
 
 def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_trainer=None, callbacks=()) -> dict:
-    """Load the policy, build TRL's GRPOTrainer with the configured generator, train (resuming), save, report.
+    """Load the policy, build our GRPOTrainer (TRL's, minus the redundant vLLM forward: `rlt.trainers`) with the
+    configured generator, train (resuming), save, report.
     `on_trainer(trainer)` runs once the trainer exists (the RLT recipe links the teacher reward to it)."""
     model = common.model_for(run, tokenizer)
     args = GRPOConfig(**{**common.training_args_kwargs(run, out, has_eval=eval_ds is not None), **grpo_kwargs(run)})

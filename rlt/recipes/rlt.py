@@ -50,7 +50,8 @@ def train(run: RLTRunConfig) -> dict:
     reward_funcs = build_reward_funcs(
         run.reward_funcs, penalty=run.nonfinite_reward_penalty, student_model=student, tokenizer=tokenizer,
         teacher_format=run.teacher_format, temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
-        offload_untrained_models=run.offload_untrained_models)
+        offload_untrained_models=run.offload_untrained_models,
+        reuse_sampling_logprobs=run.teacher_reuse_sampling_logprobs)
     teacher_rewards = [f.fn for f in reward_funcs if isinstance(f.fn, TeacherKLReward)]
     recorder = CompletionRecorder(out, tokenizer, get_teacher_format(run.teacher_format),
                                   run.save_completions_probability, run.logging_prob, seed=run.seed)

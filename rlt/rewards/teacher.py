@@ -38,7 +38,9 @@ no-entropy twin):
 * The log-prob term contributes ``p`` when the solution span is empty or the term is NaN/inf.
 
 With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
-(only the twin is computed). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call
+(only the twin is computed). With a vLLM generator `rlt.trainers.GRPOTrainer` passes the sampling log-probs, which
+are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the teacher forward is then skipped
+(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call
 averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
 """
 
@@ -190,6 +192,9 @@ class TeacherKLReward:
         unbias_student_log_probs_temp: ``tau_S`` (None -> 1).
         include_teacher_think_entropy: False -> the reward uses ``-s_k`` instead of ``d_k`` (no teacher forward).
         temperature: the teacher's sampling temperature (pass the trainer's; TRL's default is 1.0).
+        reuse_sampling_logprobs: when the trainer passes the generator's sampling log-probs (`rlt.trainers`:
+            vLLM, plain tempered sampling) at ``tau_T``, use them as ``q_k`` instead of a teacher forward; rows whose
+            log-probs are missing or non-finite are still scored by the forward.
         batch_size: sequences per scoring forward.
         offload_untrained_models: keep the student on CPU between calls, moved to the scoring device for a call.
         device: scoring device; default the teacher's device, else the student's current device.
@@ -216,6 +221,7 @@ class TeacherKLReward:
         unbias_student_log_probs_temp: float | None = None,
         include_teacher_think_entropy: bool = True,
         temperature: float = 1.0,
+        reuse_sampling_logprobs: bool = True,
         batch_size: int = 8,
         offload_untrained_models: bool = False,
         device: str | torch.device | None = None,
@@ -254,6 +260,7 @@ class TeacherKLReward:
         self.temperature = float(temperature)
         self.unbias_teacher_log_probs = True if unbias_teacher_log_probs is None else bool(unbias_teacher_log_probs)
         self.teacher_temperature = self.temperature if self.unbias_teacher_log_probs else 1.0
+        self.reuse_sampling_logprobs = bool(reuse_sampling_logprobs)
         if unbias_student_log_probs_temp is not None and (
                 not isinstance(unbias_student_log_probs_temp, numbers.Real) or unbias_student_log_probs_temp <= 0):
             raise ConfigError(f"unbias_student_log_probs_temp must be a positive number or null, got "
@@ -272,6 +279,7 @@ class TeacherKLReward:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self._special_ids = set(tokenizer.all_special_ids)
         self.last_terms: dict[str, list[float]] = {}
+        self.last_reused_sampling_logprobs = 0  # rows of the last call whose q_k came from the generator
 
     # --------------------------------------------------------------------------------------------------- setup
 
@@ -402,6 +410,28 @@ class TeacherKLReward:
         finally:
             model.train(was_training)
 
+    def _reusable_sampling_logprobs(self, sampling_logprobs, sampling_temperature, info, n: int) -> list:
+        """Per row, the generator's log-probs of the explanation body as ``q_k`` (float32), or None where they
+        cannot stand in for the teacher forward (reuse off, none given, another temperature, missing/non-finite)."""
+        none: list[torch.Tensor | None] = [None] * n
+        if not self.reuse_sampling_logprobs or sampling_logprobs is None or sampling_temperature is None:
+            return none
+        temps = ([sampling_temperature] * n if isinstance(sampling_temperature, numbers.Real)
+                 else list(sampling_temperature))
+        out = list(none)
+        for i in range(n):
+            lp = sampling_logprobs[i]
+            nb = info[i]["n_body"]
+            if lp is None or len(lp) < nb or abs(float(temps[i]) - self.teacher_temperature) > 1e-6:
+                continue
+            values = lp[:nb]
+            if any(v is None for v in values):
+                continue
+            t = torch.tensor(values, dtype=torch.float32)
+            if bool(torch.isfinite(t).all()):
+                out[i] = t
+        return out
+
     # ------------------------------------------------------------------------------------------------- scoring
 
     def _reduced(self, values: torch.Tensor, names: list[str], coeffs: list[float]) -> tuple[list[float], float]:
@@ -422,12 +452,16 @@ class TeacherKLReward:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str] | None = None,
                  completion_ids: Sequence[Sequence[int]] | None = None, *, question: Sequence[str] | None = None,
                  solution: Sequence[str] | None = None, teacher_format: Sequence[str] | None = None,
-                 teacher_token_logprobs: Sequence[Sequence[float]] | None = None, log_metric=None,
+                 teacher_token_logprobs: Sequence[Sequence[float]] | None = None,
+                 sampling_logprobs: Sequence[Sequence[float | None] | None] | None = None,
+                 sampling_temperature: Sequence[float] | float | None = None, log_metric=None,
                  **kwargs: Any) -> list[float]:
         """One reward per completion. ``question``/``solution``/``teacher_format`` are the RL dataset's columns
         (`rlt.data.teacher.teacher_rl_prompt`). ``teacher_token_logprobs`` (optional, one list per completion
-        aligned with ``completion_ids``) are the teacher's sampling log-probs at ``tau_T``; when given they replace
-        the teacher forward."""
+        aligned with ``completion_ids``) are the teacher's log-probs at ``tau_T``; when given they replace the
+        teacher forward. ``sampling_logprobs``/``sampling_temperature`` are what `rlt.trainers.GRPOTrainer` passes
+        from the generator: used the same way when ``reuse_sampling_logprobs`` is on and the sampling temperature is
+        ``tau_T``, row by row (a row with a missing or non-finite value falls back to the forward)."""
         n = len(prompts)
         if question is None or solution is None:
             raise ConfigError("TeacherKLReward needs the 'question' and 'solution' dataset columns (build the RL "
@@ -489,20 +523,27 @@ class TeacherKLReward:
             if moved and self._offload_student:
                 student.to("cpu")
         teacher_lp: list[torch.Tensor | None] = [None] * n
+        reused = 0
         if self.needs_teacher_forward:
             if teacher_token_logprobs is not None:
                 teacher_lp = [torch.tensor(list(teacher_token_logprobs[i])[: info[i]["n_body"]], dtype=torch.float32)
                               for i in range(n)]
             else:
-                if self.teacher_model is None:
+                scored_rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
+                given = self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, info, n)
+                for i in scored_rows:
+                    teacher_lp[i] = given[i]
+                rows = [i for i in scored_rows if teacher_lp[i] is None]
+                reused = len(scored_rows) - len(rows)
+                if rows and self.teacher_model is None:
                     raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
                                       "set_teacher_model(trainer.model) before training (or set "
                                       "kl_penalty_reward_coeff to 0)")
-                rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
-                scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
-                                   self.teacher_temperature, device)
-                for i, lp in zip(rows, scored, strict=True):
-                    teacher_lp[i] = lp
+                if rows:
+                    scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
+                                       self.teacher_temperature, device)
+                    for i, lp in zip(rows, scored, strict=True):
+                        teacher_lp[i] = lp
 
         # ---- terms
         terms: dict[str, list[float]] = {}
@@ -565,7 +606,9 @@ class TeacherKLReward:
                 put(f"kl_{name}", value)
                 put(f"no_entropy_kl_{name}", ne_value)
         self.last_terms = terms
+        self.last_reused_sampling_logprobs = reused
         if log_metric is not None:
+            log_metric("teacher_kl/reused_sampling_logprobs", reused / max(n, 1))
             for name, values in terms.items():
                 finite = [v for v in values if math.isfinite(v)]
                 if finite:

