@@ -12,7 +12,8 @@ What is compared, per model and per (prompts, tokens, threads) case:
   max_new_tokens` so every sequence gets exactly `max_tokens` new tokens.
 * vllm: `rlt.generation.vllm_colocate.build_llm` (the trainer's CPU engine settings: in-process, eager, float32,
   `kv_cache_memory_bytes`), one `llm.generate` call on all prompts as token ids with `SamplingParams(temperature=1.0,
-  top_p=1.0, max_tokens=N, ignore_eos=True)` and vLLM's default detokenization (what TRL's colocate mode does).
+  top_p=1.0, max_tokens=N, ignore_eos=True, detokenize=False)` (what rlt's colocated generator does: TRL reads
+  token ids only).
 
 Both backends of a model live in one process (one subprocess per model; the vLLM engine in-process, as the colocated
 engine is in training) and use torch's intra-op thread pool (`--threads`; the in-process engine does not pin
@@ -156,7 +157,8 @@ class VLLMBackend:
     def run(self, prompt_ids: list[list[int]], max_tokens: int, seed: int) -> int:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, ignore_eos=True)
+        # detokenize=False as the trainer's ColocatedVLLMGeneration samples (TRL reads token ids only)
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling_params=params,
                                     use_tqdm=False)
         counts = [len(o.outputs[0].token_ids) for o in outputs]

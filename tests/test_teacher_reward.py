@@ -284,7 +284,9 @@ def test_zero_kl_coefficient_skips_the_teacher_forward(setup, coeff):
         rewards = call(no_teacher, setup, texts)
     finally:
         counter.remove()
-    assert counter.count == [0, 2]  # no teacher forward; 4 completions in micro-batches of 2: 2 student forwards
+    # no teacher forward; 4 completions of one prompt in micro-batches of 2: per micro-batch, the shared prefix then
+    # the suffixes -> 4 student forwards
+    assert counter.count == [0, 4]
     assert no_teacher.last_terms["kl_term"] == [0.0] * 4
     assert rewards == pytest.approx(expected, abs=2e-5)
 
@@ -294,12 +296,39 @@ def test_one_forward_per_batch_and_model(setup):
     texts = [b + CLOSE for b in BODIES]
     counter = ForwardCounter(teacher, student)
     try:
-        call(make_reward(setup, batch_size=4), setup, texts)
+        call(make_reward(setup, batch_size=4, share_prefixes=False), setup, texts)
         assert counter.count == [1, 1]
-        call(make_reward(setup, batch_size=4, include_teacher_think_entropy=False), setup, texts)
+        call(make_reward(setup, batch_size=4, include_teacher_think_entropy=False, share_prefixes=False), setup,
+             texts)
         assert counter.count == [1, 2]  # the no-entropy reward needs no teacher
+        call(make_reward(setup, batch_size=4), setup, texts)
+        assert counter.count == [3, 4]  # shared prefix: the prompt once, then the 4 suffixes on its cache
     finally:
         counter.remove()
+
+
+def test_shared_prefixes_equal_whole_sequences(setup):
+    """Two prompts x several completions, mixed lengths, micro-batches that split a group and mix groups: the
+    prefix-cached scores equal whole-sequence scores (and batch 1) within float error."""
+    tok, teacher, student, row = setup
+    other = teacher_rl_prompt({"question": "What is 7 minus 4?", "solution": "3"}, FMT, tok)
+    texts = [b + CLOSE for b in BODIES] + [BODIES[1], "", BODIES[2] + CLOSE]
+    rows = [row] * 4 + [other] * 3
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def score(**kw):
+        reward = make_reward(setup, temperature=0.7, unbias_student_log_probs_temp=0.7, **kw)
+        out = reward(prompts=[r["prompt"] for r in rows], completions=texts, completion_ids=ids,
+                     question=[r["question"] for r in rows], solution=[r["solution"] for r in rows],
+                     teacher_format=[r["teacher_format"] for r in rows])
+        return out, reward.last_terms
+
+    whole, whole_terms = score(batch_size=1)
+    for kw in (dict(batch_size=3), dict(batch_size=5), dict(batch_size=16), dict(batch_size=16, share_prefixes=False)):
+        shared, terms = score(**kw)
+        assert shared == pytest.approx(whole, abs=1e-5), kw
+        for key in ("log_prob_term", "kl_term", "teacher_think_log_prob_mean", "student_think_log_prob_mean"):
+            assert terms[key] == pytest.approx(whole_terms[key], abs=1e-5, nan_ok=True), (kw, key)
 
 
 def test_missing_teacher_and_format_mismatch(setup):
@@ -354,7 +383,7 @@ def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
     given = _sampling_logprobs(setup, texts, 0.7)
     counter = ForwardCounter(teacher)
     try:
-        reward = make_reward(setup, temperature=0.7, batch_size=8)
+        reward = make_reward(setup, temperature=0.7, batch_size=8, share_prefixes=False)  # 1 forward per call
         rewards = call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[0.7] * 4)
         assert counter.count == [0] and reward.last_reused_sampling_logprobs == 4
         assert rewards == pytest.approx(expected, abs=2e-5)
@@ -366,7 +395,7 @@ def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
 
         call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[1.0] * 4)  # not tau_T
         assert counter.count == [2] and reward.last_reused_sampling_logprobs == 0
-        off = make_reward(setup, temperature=0.7, reuse_sampling_logprobs=False)
+        off = make_reward(setup, temperature=0.7, reuse_sampling_logprobs=False, share_prefixes=False)
         assert call(off, setup, texts, sampling_logprobs=given, sampling_temperature=0.7) == pytest.approx(
             expected, abs=2e-5)
         assert counter.count == [3] and off.last_reused_sampling_logprobs == 0

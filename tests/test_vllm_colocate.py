@@ -141,6 +141,7 @@ def test_engine_samples_with_logprobs_matching_hf_at_temperature(colocated, toke
     assert gen.on_cpu and gen.enable_sleep_mode is False
     assert gen.llm.llm_engine.model_config.dtype == torch.float32  # the policy's, not vLLM's CPU bfloat16 default
     assert torch.set_num_threads.__module__ == "torch"  # vLLM's in-process no-op replacement was undone
+    assert gen.generation_kwargs["detokenize"] is False  # TRL reads token ids only
 
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     prompt_ids, completion_ids, logprobs, _ = gen.generate(prompts, None, num_generations=1)

@@ -13,6 +13,7 @@ what `ColocatedVLLMGeneration` does instead (the GPU path keeps TRL's behaviour)
   the float32 policy; on CPU the engine uses the policy's dtype unless `dtype` is given. (GPU: TRL's `"auto"`.)
 - `logprobs_mode="processed_logprobs"` (log-probs after temperature, what the importance-sampling correction
   compares with `log_softmax(logits / T)`), `max_model_len` and `enable_prefix_caching` as configured.
+- Sampling with `detokenize=False` (both platforms): TRL uses only the sampled token ids and decodes them itself.
 - Weight sync: TRL calls `model.load_weights(...)` on the driver worker's model, which fails on CPU
   (`'Parameter' object has no attribute 'weight_loader'`: the CPU backend re-packs linear weights at load time).
   Here the policy's weights go through vLLM's `reload_weights` worker RPC in checkpoint format (it restores the
@@ -236,6 +237,10 @@ def _colocated_class() -> type:
             self.engine_build_seconds: float | None = None
             self.last_sync_seconds: float | None = None
             super().__init__(*args, **kwargs)  # calls _init_vllm
+            if self.mode == "colocate" and "stop" not in self.generation_kwargs:
+                # TRL reads only token ids (and decodes them itself): vLLM's incremental detokenisation of every
+                # sampled token and log-prob is wasted per-step work (~10% of a tiny model's decode step on CPU)
+                self.generation_kwargs = {"detokenize": False, **self.generation_kwargs}
 
         def llm_init_kwargs(self) -> dict[str, Any]:
             """Everything `vllm.LLM(...)` gets in colocate mode."""

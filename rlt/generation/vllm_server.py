@@ -132,10 +132,13 @@ class Engine:
                 "top_p": float(request.get("top_p", 1.0)), "top_k": int(request.get("top_k") or 0) or -1,
                 "min_p": float(request.get("min_p") or 0.0),
                 "repetition_penalty": float(request.get("repetition_penalty", 1.0)),
-                "max_tokens": int(request.get("max_tokens", 16)), "logprobs": request.get("logprobs", 0)}
+                "max_tokens": int(request.get("max_tokens", 16)), "logprobs": request.get("logprobs", 0),
+                "detokenize": False}  # the client gets token ids only; detokenising every token is wasted work
         extra = dict(request.get("generation_kwargs") or {})
         fixed_seed = extra.pop("seed", None)  # one seed for every prompt, when no per-prompt seeds are given
         base.update(extra)
+        if extra.get("stop") and "detokenize" not in extra:
+            base["detokenize"] = True  # stop strings are matched on text
         params = [SamplingParams(**base, seed=fixed_seed if s is None else int(s))
                   for s in (seeds or [None] * len(prompts))]
         with self.lock:

@@ -166,6 +166,19 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _target_logprobs(logits: torch.Tensor, targets: Sequence[int], temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[t, targets[t]]`` in float32 on CPU; logits (T, V) row t predicts
+    targets[t]. Chunked so the float32 copy of the logits stays bounded."""
+    targets_t = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
+    parts = []
+    for c in range(0, len(targets_t), _LOGSOFTMAX_CHUNK):
+        x = logits[c: c + _LOGSOFTMAX_CHUNK].float()
+        if temperature != 1.0:
+            x = x / temperature
+        parts.append(x.gather(-1, targets_t[c: c + _LOGSOFTMAX_CHUNK, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))
+    return torch.cat(parts).cpu()
+
+
 # --------------------------------------------------------------------------------------------------- the reward
 
 
@@ -196,6 +209,8 @@ class TeacherKLReward:
             vLLM, plain tempered sampling) at ``tau_T``, use them as ``q_k`` instead of a teacher forward; rows whose
             log-probs are missing or non-finite are still scored by the forward.
         batch_size: sequences per scoring forward.
+        share_prefixes: score the completions of one prompt on one forward of their common prefix (the teacher
+            prompt; the student's system prompt + question), shared through the KV cache.
         offload_untrained_models: keep the student on CPU between calls, moved to the scoring device for a call.
         device: scoring device; default the teacher's device, else the student's current device.
     """
@@ -223,6 +238,7 @@ class TeacherKLReward:
         temperature: float = 1.0,
         reuse_sampling_logprobs: bool = True,
         batch_size: int = 8,
+        share_prefixes: bool = True,
         offload_untrained_models: bool = False,
         device: str | torch.device | None = None,
     ) -> None:
@@ -270,6 +286,7 @@ class TeacherKLReward:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
+        self.share_prefixes = bool(share_prefixes)
         self.offload_untrained_models = bool(offload_untrained_models)
         self.device = torch.device(device) if device is not None else None
 
@@ -363,44 +380,94 @@ class TeacherKLReward:
                         device: torch.device) -> list[torch.Tensor]:
         """For each sequence, float32 CPU log-probs of ``seq[start:]`` under `model` at `temperature`.
 
-        Length-sorted micro-batches of `batch_size`, left padding with explicit position ids, and logits only for
-        the scored positions (``logits_to_keep``) when the model supports it.
+        Sequences whose unscored prefixes ``seq[:start]`` are identical (the G completions of one prompt) are scored
+        together: the prefix runs once, its KV cache is shared by the group's suffixes (`_shared_prefix_batch`).
+        Micro-batches hold up to `batch_size` sequences; with `batch_size` 1, or when no prefix repeats, or when
+        `share_prefixes` is off, every sequence is scored whole (`_whole_batch`: length-sorted, left-padded).
         """
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
         todo = [i for i in range(len(seqs)) if len(seqs[i]) > starts[i]]
-        todo.sort(key=lambda i: len(seqs[i]), reverse=True)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in todo:
+            groups.setdefault(tuple(seqs[i][:starts[i]]), []).append(i)
         keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        if self.share_prefixes and self.batch_size > 1 and len(groups) < len(todo):
+            chunks = [g[c: c + self.batch_size] for g in groups.values() for c in range(0, len(g), self.batch_size)]
+            chunks.sort(key=lambda g: max(len(seqs[i]) - starts[i] for i in g), reverse=True)
+            batch: list[list[int]] = []
+            for chunk in chunks:  # whole chunks per micro-batch, up to batch_size sequences
+                if batch and sum(map(len, batch)) + len(chunk) > self.batch_size:
+                    self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
+                    batch = []
+                batch.append(chunk)
+            if batch:
+                self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
+            return out
+        todo.sort(key=lambda i: len(seqs[i]), reverse=True)
         for b in range(0, len(todo), self.batch_size):
-            idx = todo[b: b + self.batch_size]
-            length = max(len(seqs[i]) for i in idx)
-            n_scored = [len(seqs[i]) - starts[i] for i in idx]
-            keep = max(n_scored) + 1
-            input_ids = torch.full((len(idx), length), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), length), dtype=torch.long)
-            for r, i in enumerate(idx):
-                input_ids[r, length - len(seqs[i]):] = torch.tensor(seqs[i], dtype=torch.long)
-                mask[r, length - len(seqs[i]):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                          position_ids=positions.to(device), use_cache=False)
-            if keep_ok:
-                kwargs["logits_to_keep"] = keep
-            logits = model(**kwargs).logits
-            kept = logits.shape[1]
-            for r, i in enumerate(idx):
-                n = n_scored[r]
-                rows = logits[r, kept - 1 - n: kept - 1]
-                targets = torch.tensor(seqs[i][starts[i]:], dtype=torch.long, device=rows.device)
-                parts = []
-                for c in range(0, n, _LOGSOFTMAX_CHUNK):
-                    x = rows[c: c + _LOGSOFTMAX_CHUNK].float()
-                    if temperature != 1.0:
-                        x = x / temperature
-                    parts.append(x.gather(-1, targets[c: c + _LOGSOFTMAX_CHUNK, None]).squeeze(-1)
-                                 - torch.logsumexp(x, dim=-1))
-                out[i] = torch.cat(parts).cpu()
-            del logits
+            self._whole_batch(model, seqs, starts, todo[b: b + self.batch_size], temperature, device, keep_ok, out)
         return out
+
+    def _whole_batch(self, model, seqs, starts, idx, temperature, device, keep_ok, out) -> None:
+        """One forward of whole sequences `idx`: left-padded, explicit position ids, logits only for the scored
+        positions (``logits_to_keep``) when the model supports it."""
+        length = max(len(seqs[i]) for i in idx)
+        n_scored = [len(seqs[i]) - starts[i] for i in idx]
+        input_ids, mask = self._padded([seqs[i] for i in idx], length, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                      position_ids=positions.to(device), use_cache=False)
+        if keep_ok:
+            kwargs["logits_to_keep"] = max(n_scored) + 1
+        logits = model(**kwargs).logits
+        kept = logits.shape[1]
+        for r, i in enumerate(idx):
+            out[i] = _target_logprobs(logits[r, kept - 1 - n_scored[r]: kept - 1], seqs[i][starts[i]:], temperature)
+        del logits
+
+    def _shared_prefix_batch(self, model, seqs, starts, groups, temperature, device, keep_ok, out) -> None:
+        """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``) in two
+        forwards: the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then
+        every suffix (right-padded) on its group's cached prefix. The first suffix token is scored by the prefix's
+        last logits, the others by the suffix forward."""
+        prefixes = [seqs[g[0]][:starts[g[0]]] for g in groups]
+        p_len = max(len(p) for p in prefixes)
+        p_ids, p_mask = self._padded(prefixes, p_len, left=True)
+        kwargs = dict(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
+                      position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True)
+        if keep_ok:
+            kwargs["logits_to_keep"] = 1
+        prefix_out = model(**kwargs)
+        first_logits, cache = prefix_out.logits[:, -1], prefix_out.past_key_values
+        del prefix_out
+        rows = [(j, i) for j, g in enumerate(groups) for i in g]
+        owner = torch.tensor([j for j, _ in rows], device=device)
+        cache.batch_select_indices(owner)
+        suffixes = [seqs[i][starts[i]:] for _, i in rows]
+        s_len = max(len(x) for x in suffixes)
+        s_ids, s_mask = self._padded(suffixes, s_len, left=False)
+        p_lens = p_mask.sum(-1)[owner.cpu()]
+        positions = p_lens[:, None] + torch.arange(s_len)[None, :]
+        kwargs = dict(input_ids=s_ids.to(device), attention_mask=torch.cat([p_mask[owner.cpu()], s_mask], 1).to(device),
+                      position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        if keep_ok:
+            kwargs["logits_to_keep"] = s_len
+        logits = model(**kwargs).logits
+        del cache
+        for r, (j, i) in enumerate(rows):
+            n = len(suffixes[r])
+            scored = torch.cat([first_logits[j: j + 1], logits[r, : n - 1]])
+            out[i] = _target_logprobs(scored, suffixes[r], temperature)
+        del logits, first_logits
+
+    def _padded(self, rows: list[list[int]], length: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            span = slice(length - len(row), length) if left else slice(0, len(row))
+            input_ids[r, span] = torch.tensor(row, dtype=torch.long)
+            mask[r, span] = 1
+        return input_ids, mask
 
     def _run(self, model, seqs, starts, temperature, device) -> list[torch.Tensor]:
         was_training = model.training
