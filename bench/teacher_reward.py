@@ -12,7 +12,9 @@ b = [3, 0.03], tau_S = tau_T = 0.7).
 
 Variants, each timed on the same completions, interleaved (every repeat runs every variant, in a rotated order):
 
-* ``batch16`` / ``batch8``: `TeacherKLReward(batch_size=16 / 8)` (length-sorted, left-padded micro-batches).
+* ``batch16`` / ``batch8``: `TeacherKLReward(batch_size=16 / 8)`: micro-batches of whole prompt groups, each
+  group's common prefix (teacher prompt; student system prompt + question) run once and shared through the KV cache.
+* ``batch16w``: the same batch size scoring whole sequences (``share_prefixes=False``: length-sorted, left-padded).
 * ``batch1``: `TeacherKLReward(batch_size=1)`, one forward per completion and model (the reference's scoring
   granularity, with our span finding and ``logits_to_keep``).
 * ``reference``: written from rlt-spec §1.5-§2: per completion, decode the ids (special tokens skipped), close an
@@ -180,7 +182,7 @@ def reference_style(reward, prompts, completion_ids, question, solution, timer=N
 # ----------------------------------------------------------------------------------------------------- benchmark
 
 
-def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, batch_sizes: list[int],
+def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, batch_sizes: list[str],
                 threads: list[int], reference: bool, tolerance: float) -> dict:
     import torch
 
@@ -203,8 +205,10 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
           f"tokens (mean {statistics.mean(lengths):.0f}), {closed} closed; generated in {gen_s:.1f}s", flush=True)
 
     rewards: dict[str, object] = {}
-    for bs in batch_sizes:
-        rewards[f"batch{bs}"] = TeacherKLReward(student, tok, teacher, batch_size=bs, **REWARD_KW)
+    for spec in batch_sizes:  # "16": shared prompt prefixes (the default); "16w": whole sequences
+        whole = spec.endswith("w")
+        rewards[f"batch{spec}"] = TeacherKLReward(student, tok, teacher, batch_size=int(spec.rstrip("w")),
+                                                  share_prefixes=not whole, **REWARD_KW)
     if reference:
         ref_reward = TeacherKLReward(student, tok, teacher, batch_size=1, **REWARD_KW)  # config + reductions only
         ref_timer: dict[str, float] = {}
@@ -287,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO num_generations)")
     ap.add_argument("--repeats", type=int, help="timed calls per variant (default tiny 5, smollm2 3; quick 2)")
     ap.add_argument("--threads", help="torch intra-op thread counts, each measured, interleaved (default 1,2; quick 1)")
-    ap.add_argument("--batch-sizes", default="16,8,1", help="TeacherKLReward batch sizes (1 = the baseline)")
+    ap.add_argument("--batch-sizes", default="16,16w,8,1",
+                    help="TeacherKLReward batch sizes (1 = the baseline; a trailing w = whole sequences, no shared "
+                         "prompt prefix)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style variant")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max |reward delta| batched vs batch1")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = args.prompts or (2 if args.quick else 8 if name == "tiny" else 4)
         results.append(bench_model(name, n_prompts=prompts, n_generations=args.generations,
                                    repeats=args.repeats or (2 if args.quick else 5 if name == "tiny" else 3),
-                                   batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                                   batch_sizes=[b.strip() for b in args.batch_sizes.split(",") if b.strip()],
                                    threads=[int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")],
                                    reference=not args.no_reference, tolerance=args.tolerance))
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -27,7 +27,7 @@ def _bench(script: str, tmp_path: Path) -> dict:
 def test_teacher_reward_bench_quick(tmp_path):
     (result,) = _bench("teacher_reward", tmp_path)["results"]
     rows = {(r["variant"], r["threads"]): r for r in result["rows"]}
-    assert {v for v, _ in rows} == {"batch16", "batch8", "batch1", "reference"}
+    assert {v for v, _ in rows} == {"batch16", "batch16w", "batch8", "batch1", "reference"}
     for (variant, _), row in rows.items():
         assert row["completions_per_s"] > 0
         if variant.startswith("batch"):

@@ -89,6 +89,21 @@ def _trainer(tiny_model_path, tmp_path, trainer_cls, reward, **overrides):
                            train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer)
 
 
+def _probe():
+    """Our GRPOTrainer counting the no-grad log-prob forwards of the policy (`Probe.no_grad_policy_forwards`)."""
+    from rlt.trainers import GRPOTrainer
+
+    class Probe(GRPOTrainer):
+        no_grad_policy_forwards = 0
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if model is self.model and not torch.is_grad_enabled():
+                Probe.no_grad_policy_forwards += 1
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    return Probe
+
+
 def _length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
@@ -99,7 +114,6 @@ def test_ratio_from_the_loss_forward_equals_trls_and_saves_the_policy_forward(ti
     (the loss forward's detached log-probs) give the same ratio and the same loss. In training, no no-grad policy
     forward runs at all (only the reference model's), and the usual metrics are logged every step."""
     pytest.importorskip("vllm")
-    from rlt.trainers import GRPOTrainer
 
     seen = []
 
@@ -108,13 +122,7 @@ def test_ratio_from_the_loss_forward_equals_trls_and_saves_the_policy_forward(ti
         assert [len(lp) for lp in kwargs["sampling_logprobs"]] == [len(ids) for ids in completion_ids]
         return _length_reward(completions)
 
-    class Probe(GRPOTrainer):
-        no_grad_policy_forwards = 0
-
-        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-            if model is self.model and not torch.is_grad_enabled():
-                Probe.no_grad_policy_forwards += 1
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+    Probe = _probe()
 
     trainer = _trainer(tiny_model_path, tmp_path, Probe, reward)
     try:
@@ -152,15 +160,8 @@ def test_ratio_from_the_loss_forward_equals_trls_and_saves_the_policy_forward(ti
 def test_off_policy_geometry_keeps_trls_path(tiny_model_path, tmp_path):
     """Two iterations per generation: the old log-probs must come from before the first update (TRL's forward)."""
     pytest.importorskip("vllm")
-    from rlt.trainers import GRPOTrainer
 
-    class Probe(GRPOTrainer):
-        no_grad_policy_forwards = 0
-
-        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-            if model is self.model and not torch.is_grad_enabled():
-                Probe.no_grad_policy_forwards += 1
-            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+    Probe = _probe()
 
     trainer = _trainer(tiny_model_path, tmp_path, Probe, _length_reward, num_iterations=2, max_steps=2)
     try:

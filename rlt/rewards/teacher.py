@@ -391,7 +391,7 @@ class TeacherKLReward:
         for i in todo:
             groups.setdefault(tuple(seqs[i][:starts[i]]), []).append(i)
         keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
-        if self.share_prefixes and self.batch_size > 1 and len(groups) < len(todo):
+        if self.share_prefixes and self.batch_size > 1 and len(groups) < len(todo) and all(starts[i] for i in todo):
             chunks = [g[c: c + self.batch_size] for g in groups.values() for c in range(0, len(g), self.batch_size)]
             chunks.sort(key=lambda g: max(len(seqs[i]) - starts[i] for i in g), reverse=True)
             batch: list[list[int]] = []
