@@ -11,7 +11,7 @@ checkpoints, no final save), interleaved over the repeats (ABAB..., the order fl
   max_completion_length, beta, temperature, seed) and recipe, with the reward replaced by a trivial one
   (`rlt.rewards.gsm8k.format_reward`, a regex): only the reward differs.
 
-Step 1 (warm-up, first allocations) is skipped; a step's time is the wall time between consecutive ``on_step_end``
+One untimed 2-step run of the ``rlt`` case comes first (one-time process costs); step 1 of every run is skipped; a step's time is the wall time between consecutive ``on_step_end``
 callbacks. Its split comes from TRL's own profiling contexts (recorded in-process; TRL only sends them to wandb /
 mlflow / trackio): ``generate`` (``transformers.generate``), ``reward`` (``_calculate_rewards``), ``prep other``
 (the rest of ``_prepare_inputs``: the reference model's log-probs, advantages, padding), ``loss fwd``
@@ -163,6 +163,11 @@ def bench_model(name: str, *, steps: int, repeats: int, extra: list[str]) -> dic
     runs: list[dict] = []
     lengths: dict[str, list[float]] = {c: [] for c in cases}
     print(f"\n== {run_file}: {steps} steps per run (step 1 skipped), {repeats} run(s) per case", flush=True)
+    # The first run in a process pays one-time costs (lazy imports, the first vLLM engine, allocator growth): up to
+    # 1.7x slower steps for SmolLM2 with vllm_colocate. An untimed 2-step run takes them before the timed ones.
+    t = time.perf_counter()
+    run_case(run_file, False, 2, extra)
+    print(f"   warm-up run (untimed): {time.perf_counter() - t:.1f}s", flush=True)
     for r in range(repeats):
         order = list(cases) if r % 2 == 0 else list(cases)[::-1]
         for case in order:
