@@ -73,7 +73,7 @@ class GRPOTrainer(TRLGRPOTrainer):
         self.is_ratio_from_loss = bool(self.use_vllm and self.vllm_importance_sampling_correction
                                        and self.args.gradient_accumulation_steps % generate_every == 0)
         self.passes_sampling_logprobs = plain_tempered_sampling(self.args)
-        self._pending_is_inputs: dict | None = None
+        self._pending_is_inputs: tuple | None = None  # (model, inputs) of the running _compute_loss
         self._last_sampling_logprobs: list | None = None
 
     # ---- 1. the importance-sampling ratio from the loss forward
@@ -92,17 +92,18 @@ class GRPOTrainer(TRLGRPOTrainer):
             if inputs.get("sampling_per_token_logps") is None:
                 raise RuntimeError("the vLLM generator returned no sampling log-probs for the importance-sampling "
                                    "correction")
-            self._pending_is_inputs = inputs
+            self._pending_is_inputs = (model, inputs)
         try:
             return super()._compute_loss(model, inputs)
         finally:
             self._pending_is_inputs = None
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        inputs, self._pending_is_inputs = self._pending_is_inputs, None  # the first call in _compute_loss: the policy
-        if inputs is not None:
-            inputs["importance_sampling_ratio"] = self._ratio_and_metrics(logps.detach(), inputs)
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        pending = self._pending_is_inputs
+        if pending is not None and model is pending[0]:  # the loss forward of the policy inside _compute_loss
+            self._pending_is_inputs = None
+            pending[1]["importance_sampling_ratio"] = self._ratio_and_metrics(logps.detach(), pending[1])
         return logps, entropies, aux_loss
 
     def _ratio_and_metrics(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
