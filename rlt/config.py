@@ -421,10 +421,7 @@ class GRPOSection:
                 errors.append(f"vllm_server_urls[{i}]={url!r} must look like http://HOST:PORT (port in [1, 65535])")
         if len(set(self.vllm_server_urls)) != len(self.vllm_server_urls):
             errors.append(f"vllm_server_urls={self.vllm_server_urls} lists a server twice")
-        processed = [f"{k}={v}" for k, v, plain in (
-            ("top_p", self.top_p, self.top_p >= 1), ("top_k", self.top_k, self.top_k is None),
-            ("min_p", self.min_p, not self.min_p), ("repetition_penalty", self.repetition_penalty,
-                                                    self.repetition_penalty == 1)) if not plain]
+        processed = logit_processing(self.top_p, self.top_k, self.min_p, self.repetition_penalty)
         if self.generation_backend != "hf" and self.vllm_importance_sampling_correction and processed:
             errors.append(f"vllm_importance_sampling_correction=true with {', '.join(processed)}: vLLM's sampling "
                           "log-probs are then renormalised over the kept tokens while the trainer's are the full "
@@ -436,6 +433,21 @@ class GRPOSection:
             errors.append(f"vllm_max_model_len={self.vllm_max_model_len} is shorter than max_prompt_length "
                           f"{self.max_prompt_length} + max_completion_length {self.max_completion_length}")
         return errors
+
+
+def logit_processing(top_p: float | None, top_k: int | None, min_p: float | None,
+                     repetition_penalty: float | None) -> list[str]:
+    """The sampling settings (as ``key=value``) that make vLLM's processed log-probs differ from
+    ``log_softmax(logits / temperature)``: vLLM renormalises after top-p/top-k/min-p and applies the repetition
+    penalty before them. Empty = plain tempered sampling. top_k None, 0 or -1 means off (our key, TRL's, vLLM's).
+
+    >>> logit_processing(1.0, None, None, 1.0), logit_processing(0.9, 0, 0.05, 1.1)
+    ([], ['top_p=0.9', 'min_p=0.05', 'repetition_penalty=1.1'])
+    """
+    checks = (("top_p", top_p, top_p is None or top_p >= 1), ("top_k", top_k, top_k in (None, 0, -1)),
+              ("min_p", min_p, not min_p), ("repetition_penalty", repetition_penalty,
+                                            repetition_penalty is None or repetition_penalty == 1))
+    return [f"{key}={value}" for key, value, plain in checks if not plain]
 
 
 def _reward_problems(reward_funcs: list[dict[str, Any]], weights: list[float] | None) -> list[str]:

@@ -24,6 +24,8 @@ import torch
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
+from rlt.config import logit_processing
+
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -57,10 +59,8 @@ def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.T
 
 def plain_tempered_sampling(args) -> bool:
     """Whether a vLLM generator's processed log-probs are ``log_softmax(logits / temperature)`` for these
-    GRPOConfig sampling settings (vLLM renormalises its processed log-probs after top-p/top-k/min-p and applies the
-    repetition penalty before them)."""
-    return (bool(args.use_vllm) and (args.top_p is None or args.top_p >= 1.0) and not (args.top_k or 0) > 0
-            and not (args.min_p or 0.0) > 0.0 and (args.repetition_penalty is None or args.repetition_penalty == 1.0))
+    GRPOConfig sampling settings (`rlt.config.logit_processing`)."""
+    return bool(args.use_vllm) and not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
 
 
 class GRPOTrainer(TRLGRPOTrainer):

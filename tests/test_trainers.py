@@ -55,7 +55,8 @@ def _args(**kw):
 
 
 @pytest.mark.parametrize("overrides,plain", [
-    ({}, True), ({"top_k": None, "min_p": None}, True), ({"use_vllm": False}, False), ({"top_p": 0.95}, False),
+    ({}, True), ({"top_k": None, "min_p": None}, True), ({"top_k": -1}, True), ({"use_vllm": False}, False),
+    ({"top_p": 0.95}, False),
     ({"top_k": 50}, False), ({"min_p": 0.05}, False), ({"repetition_penalty": 1.1}, False),
 ])
 def test_sampling_logprobs_count_as_plain_only_without_logit_processing(overrides, plain):

@@ -239,7 +239,7 @@ def _colocated_class() -> type:
             super().__init__(*args, **kwargs)  # calls _init_vllm
             if self.mode == "colocate" and "stop" not in self.generation_kwargs:
                 # TRL reads only token ids (and decodes them itself): vLLM's incremental detokenisation of every
-                # sampled token and log-prob is wasted per-step work (~10% of a tiny model's decode step on CPU)
+                # sampled token and log-prob is wasted per-step work
                 self.generation_kwargs = {"detokenize": False, **self.generation_kwargs}
 
         def llm_init_kwargs(self) -> dict[str, Any]:

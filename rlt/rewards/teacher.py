@@ -40,8 +40,8 @@ no-entropy twin):
 With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
 (only the twin is computed). With a vLLM generator `rlt.trainers.GRPOTrainer` passes the sampling log-probs, which
 are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the teacher forward is then skipped
-(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call
-averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
+(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``). Per-completion values of the last
+call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
 """
 
 from __future__ import annotations
@@ -477,27 +477,21 @@ class TeacherKLReward:
         finally:
             model.train(was_training)
 
-    def _reusable_sampling_logprobs(self, sampling_logprobs, sampling_temperature, info, n: int) -> list:
-        """Per row, the generator's log-probs of the explanation body as ``q_k`` (float32), or None where they
+    def _reusable_sampling_logprobs(self, sampling_logprobs, sampling_temperature, i: int,
+                                    n_body: int) -> torch.Tensor | None:
+        """Row `i`'s generator log-probs of its `n_body` explanation tokens as ``q_k`` (float32), or None where they
         cannot stand in for the teacher forward (reuse off, none given, another temperature, missing/non-finite)."""
-        none: list[torch.Tensor | None] = [None] * n
         if not self.reuse_sampling_logprobs or sampling_logprobs is None or sampling_temperature is None:
-            return none
-        temps = ([sampling_temperature] * n if isinstance(sampling_temperature, numbers.Real)
-                 else list(sampling_temperature))
-        out = list(none)
-        for i in range(n):
-            lp = sampling_logprobs[i]
-            nb = info[i]["n_body"]
-            if lp is None or len(lp) < nb or abs(float(temps[i]) - self.teacher_temperature) > 1e-6:
-                continue
-            values = lp[:nb]
-            if any(v is None for v in values):
-                continue
-            t = torch.tensor(values, dtype=torch.float32)
-            if bool(torch.isfinite(t).all()):
-                out[i] = t
-        return out
+            return None
+        temp = sampling_temperature if isinstance(sampling_temperature, numbers.Real) else sampling_temperature[i]
+        values = sampling_logprobs[i]
+        if values is None or len(values) < n_body or abs(float(temp) - self.teacher_temperature) > 1e-6:
+            return None
+        values = list(values[:n_body])
+        if any(v is None for v in values):
+            return None
+        q_k = torch.tensor(values, dtype=torch.float32)
+        return q_k if bool(torch.isfinite(q_k).all()) else None
 
     # ------------------------------------------------------------------------------------------------- scoring
 
@@ -519,16 +513,15 @@ class TeacherKLReward:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str] | None = None,
                  completion_ids: Sequence[Sequence[int]] | None = None, *, question: Sequence[str] | None = None,
                  solution: Sequence[str] | None = None, teacher_format: Sequence[str] | None = None,
-                 teacher_token_logprobs: Sequence[Sequence[float]] | None = None,
                  sampling_logprobs: Sequence[Sequence[float | None] | None] | None = None,
                  sampling_temperature: Sequence[float] | float | None = None, log_metric=None,
                  **kwargs: Any) -> list[float]:
         """One reward per completion. ``question``/``solution``/``teacher_format`` are the RL dataset's columns
-        (`rlt.data.teacher.teacher_rl_prompt`). ``teacher_token_logprobs`` (optional, one list per completion
-        aligned with ``completion_ids``) are the teacher's log-probs at ``tau_T``; when given they replace the
-        teacher forward. ``sampling_logprobs``/``sampling_temperature`` are what `rlt.trainers.GRPOTrainer` passes
-        from the generator: used the same way when ``reuse_sampling_logprobs`` is on and the sampling temperature is
-        ``tau_T``, row by row (a row with a missing or non-finite value falls back to the forward)."""
+        (`rlt.data.teacher.teacher_rl_prompt`). ``sampling_logprobs`` (one list per completion, aligned with
+        ``completion_ids``) and ``sampling_temperature`` (a float or one per completion) are what
+        `rlt.trainers.GRPOTrainer` passes from a vLLM generator: with ``reuse_sampling_logprobs`` on and the
+        sampling temperature equal to ``tau_T`` they are ``q_k``, row by row (a row with a missing or non-finite
+        value is scored by the teacher forward)."""
         n = len(prompts)
         if question is None or solution is None:
             raise ConfigError("TeacherKLReward needs the 'question' and 'solution' dataset columns (build the RL "
@@ -589,28 +582,25 @@ class TeacherKLReward:
         finally:
             if moved and self._offload_student:
                 student.to("cpu")
+        # q_k: the generator's sampling log-probs where they stand in for the teacher forward, else the forward
         teacher_lp: list[torch.Tensor | None] = [None] * n
         reused = 0
         if self.needs_teacher_forward:
-            if teacher_token_logprobs is not None:
-                teacher_lp = [torch.tensor(list(teacher_token_logprobs[i])[: info[i]["n_body"]], dtype=torch.float32)
-                              for i in range(n)]
-            else:
-                scored_rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
-                given = self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, info, n)
-                for i in scored_rows:
-                    teacher_lp[i] = given[i]
-                rows = [i for i in scored_rows if teacher_lp[i] is None]
-                reused = len(scored_rows) - len(rows)
-                if rows and self.teacher_model is None:
-                    raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
-                                      "set_teacher_model(trainer.model) before training (or set "
-                                      "kl_penalty_reward_coeff to 0)")
-                if rows:
-                    scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
-                                       self.teacher_temperature, device)
-                    for i, lp in zip(rows, scored, strict=True):
-                        teacher_lp[i] = lp
+            rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
+            for i in rows:
+                teacher_lp[i] = self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i,
+                                                                  info[i]["n_body"])
+            rows = [i for i in rows if teacher_lp[i] is None]
+            reused = sum(lp is not None for lp in teacher_lp)
+            if rows and self.teacher_model is None:
+                raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
+                                  "set_teacher_model(trainer.model) before training (or set "
+                                  "kl_penalty_reward_coeff to 0)")
+            if rows:
+                scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
+                                   self.teacher_temperature, device)
+                for i, lp in zip(rows, scored, strict=True):
+                    teacher_lp[i] = lp
 
         # ---- terms
         terms: dict[str, list[float]] = {}
@@ -637,10 +627,7 @@ class TeacherKLReward:
                     ne_term = -p
                 q_k = teacher_lp[i]
                 if q_k is not None:
-                    if q_k.numel() != s_k.numel():
-                        raise ConfigError(f"teacher_token_logprobs[{i}] has {q_k.numel()} values for the "
-                                          f"{s_k.numel()} explanation tokens")
-                    d = q_k - s_k
+                    d = q_k - s_k  # both: one value per explanation body token
                     kl_red, kl_term = self._reduced(self._kl_values(d), self.reduction_kl_fn, self.kl_coeffs)
                     if not math.isfinite(kl_term):
                         kl_term = -p
