@@ -92,6 +92,10 @@ class RunSection:
     save_final_model: bool = True  # model + tokenizer in ${output_dir}/final
     memcheck: bool = True  # estimate peak GPU memory before loading weights; refuse a run that does not fit
     memcheck_gpu_memory: str | None = None  # budget without a visible GPU, e.g. 85GB (GB = 1e9 B, GiB = 2^30 B)
+    # model whose architecture the memory check assumes when model_name_or_path / student_model cannot be read yet
+    # (a warm-up checkpoint still to be trained, a hub model not downloaded): a hub id, directory or config.json
+    memcheck_model_arch: str | None = None
+    memcheck_student_arch: str | None = None
 
     def problems(self) -> list[str]:
         errors: list[str] = []
@@ -111,6 +115,9 @@ class RunSection:
                 parse_size(self.memcheck_gpu_memory)
             except ValueError as e:
                 errors.append(f"memcheck_gpu_memory: {e}")
+        for key in ("memcheck_model_arch", "memcheck_student_arch"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                errors.append(f"{key}='' must be a model id, directory or config.json path, or null")
         return errors
 
 

@@ -7,7 +7,8 @@
 
 Composes the config exactly as `python -m rlt.train` does (cfgs/train.yaml + run_cfg=RUN_CFG + overrides, then
 `rlt.config.validate`), reads each model's architecture (local config.json, `rlt:` built-ins, the Hugging Face cache,
-or the bundled table of common models in `rlt.memory.BUNDLED_ARCHS`), and prints the per-GPU memory of the peak phase
+or the bundled table of common models in `rlt.memory.BUNDLED_ARCHS`; for a checkpoint not trained yet, the stand-in
+named by `memcheck_model_arch` / `memcheck_student_arch`), and prints the per-GPU memory of the peak phase
 of a training step, PASS/FAIL against the budget, the checks (batch geometry, vLLM KV cache), and one-knob changes
 that lower the peak. Sizes: GB = 10^9 bytes, GiB = 2^30 bytes; a size without a unit is refused.
 Exit status: 0 PASS, 1 FAIL, 2 usage or config error (one line on stderr).
@@ -18,6 +19,7 @@ Config keys read (`getattr(run, key, default)`: the GRPO/RLT keys do not exist i
 |---|---|---|
 | algorithm | (required) | sft: forward/backward + optimizer phases; grpo/rlt: + generation, scoring |
 | model_name_or_path, model_revision | (required), None | policy architecture |
+| memcheck_model_arch, memcheck_student_arch | None, None | stand-in architecture when the policy / student cannot be read |
 | torch_dtype | auto | weight dtype; auto = the checkpoint's dtype (bf16 if unknown) |
 | mixed_precision | auto | activation dtype; auto = bf16 (the estimate is for a bf16-capable GPU), no = fp32 |
 | load_in_4bit | False | NF4 weights |
@@ -128,8 +130,27 @@ def _read_config_json(path: Path, name: str) -> M.ModelArch:
         raise UsageError(f"cannot read the architecture from {path}: {e}") from None
 
 
-def resolve_arch(name: str, revision: str | None = None, model_config: str | None = None) -> tuple[M.ModelArch, str]:
-    """(architecture, where it came from) for a model name; UsageError saying what to pass if none is found."""
+def resolve_arch(name: str, revision: str | None = None, model_config: str | None = None, *,
+                 stand_in: str | None = None, stand_in_key: str = "memcheck_model_arch") -> tuple[M.ModelArch, str]:
+    """(architecture, where it came from) for a model name; UsageError saying what to pass if none is found.
+
+    `model_config` (the CLI's --model-config) wins; else `name` is read (local directory, `rlt:` model, Hugging Face
+    cache, bundled table); when it cannot be, `stand_in` (the run's `stand_in_key`: a hub id, directory or
+    config.json whose architecture is the same, e.g. the base model of a warm-up checkpoint not trained yet).
+    """
+    try:
+        return _resolve_arch(name, revision, model_config)
+    except UsageError:
+        if not stand_in or model_config:
+            raise
+        try:
+            arch, source = _resolve_arch(stand_in, None, stand_in if Path(stand_in).expanduser().exists() else None)
+        except UsageError as e2:
+            raise UsageError(f"{stand_in_key}={stand_in}: {e2}") from None
+        return arch, f"stand-in {stand_in_key}={stand_in}, from {source}: {name} is not readable here"
+
+
+def _resolve_arch(name: str, revision: str | None, model_config: str | None) -> tuple[M.ModelArch, str]:
     if model_config:
         path = Path(model_config).expanduser()
         path = path / "config.json" if path.is_dir() else path
@@ -172,8 +193,9 @@ def resolve_arch(name: str, revision: str | None = None, model_config: str | Non
         return arch, "bundled table (rlt.memory.BUNDLED_ARCHS)"
     known = ", ".join(M.BUNDLED_ARCHS)
     raise UsageError(f"no architecture for model {name!r}: it is not a local directory, not in the Hugging Face "
-                     f"cache, and not bundled ({known}). Pass a local model directory as model_name_or_path=PATH or "
-                     f"--model-config path/config.json")
+                     f"cache, and not bundled ({known}). Pass a local model directory as model_name_or_path=PATH, "
+                     f"--model-config path/config.json, or name a model of the same architecture with "
+                     f"memcheck_model_arch=ID (memcheck_student_arch=ID for the student)")
 
 
 def plan_from_config(run, args, *, policy: M.ModelArch, student: M.ModelArch | None) -> M.MemoryPlan:
@@ -333,10 +355,11 @@ def run(argv: list[str]) -> int:
         else:
             os.environ["WORLD_SIZE"] = saved_world
     policy, source = resolve_arch(run_config.model_name_or_path, getattr(run_config, "model_revision", None),
-                                  args.model_config)
+                                  args.model_config, stand_in=run_config.memcheck_model_arch)
     student = student_source = None
     if (student_name := getattr(run_config, "student_model", None)) and run_config.algorithm == "rlt":
-        student, student_source = resolve_arch(student_name)
+        student, student_source = resolve_arch(student_name, stand_in=run_config.memcheck_student_arch,
+                                               stand_in_key="memcheck_student_arch")
     plan = plan_from_config(run_config, args, policy=policy, student=student)
     unknown = M.unknown_lora_modules(policy, plan.lora_target_modules) if plan.use_peft else []
     if unknown:
@@ -404,10 +427,11 @@ def check_before_training(run) -> str | None:
         return None
     args = build_parser().parse_args([run.run_name, "--gpu-memory", budget])
     try:
-        policy, _ = resolve_arch(run.model_name_or_path, run.model_revision)
+        policy, _ = resolve_arch(run.model_name_or_path, run.model_revision, stand_in=run.memcheck_model_arch)
         student = None
         if getattr(run, "student_model", None) and run.algorithm == "rlt":
-            student, _ = resolve_arch(run.student_model)
+            student, _ = resolve_arch(run.student_model, stand_in=run.memcheck_student_arch,
+                                      stand_in_key="memcheck_student_arch")
         plan = plan_from_config(run, args, policy=policy, student=student)
     except (UsageError, RltError) as e:
         log.warning("memory check skipped: %s", e)

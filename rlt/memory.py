@@ -841,12 +841,21 @@ def _vllm(plan: MemoryPlan, utilization: float, gpu_memory: int) -> tuple[list[C
                             f"weights {_fmt(weights)} + profile {_fmt(profile)}: raise vllm_gpu_memory_utilization"))
         return comps, info, checks
     groups_fit = kv_avail // group if group else 0
+    # vLLM refuses to start when one sequence of the maximal length does not fit its KV cache; requests that do
+    # not fit at the same time (members of a group, the rest of a round) wait or are preempted: slower, no error
+    checks.append(Check(
+        "KV cache holds one sequence", kv_avail >= seq * per_token,
+        f"one sequence = ({plan.prompt_len}+{plan.completion_len}) tokens × {per_token:,} B = {_fmt(seq * per_token)}"
+        f"; KV cache {_fmt(kv_avail)}" + ("" if kv_avail >= seq * per_token else
+                                           f": short by {_fmt(seq * per_token - kv_avail)}, vLLM would refuse to "
+                                           f"start: raise vllm_gpu_memory_utilization or shorten the sequences")))
+    short = (f": short by {_fmt(group - kv_avail)}, so completions of one prompt are generated in turns (slower, "
+             f"not an OOM; at most {kv_avail // (seq * per_token)} full-length sequences at once)")
     checks.append(Check(
         "KV cache holds one group", kv_avail >= group,
         f"one group = {plan.num_generations} × ({plan.prompt_len}+{plan.completion_len}) tokens × {per_token:,} B = "
-        f"{_fmt(group)}; KV cache {_fmt(kv_avail)}" + ("" if kv_avail >= group else
-                                                         f": short by {_fmt(group - kv_avail)}")))
-    if round_need > kv_avail:
+        f"{_fmt(group)}; KV cache {_fmt(kv_avail)}" + ("" if kv_avail >= group else short), severity="warn"))
+    if round_need > kv_avail and group <= kv_avail:
         checks.append(Check(
             "KV cache holds the generation round", False,
             f"{per_engine} completions per engine need {_fmt(round_need)}, the KV cache holds {_fmt(kv_avail)} "
@@ -940,7 +949,8 @@ def candidate_changes(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
 
 
 def minimal_vllm_utilization(plan: MemoryPlan, step: float = 0.05) -> float | None:
-    """The smallest utilization (a multiple of `step`) whose KV cache still holds one full group."""
+    """The smallest utilization (a multiple of `step`) whose KV cache still holds one full group (all of a prompt's
+    completions at full length at once: below it, vLLM generates a group in turns)."""
     arch = plan.policy
     w_bytes = 4 if plan.weight_dtype == "float32" else 2
     need = (param_count(arch) * w_bytes + vllm_activation_profile_bytes(arch, w_bytes) + VLLM_NON_TORCH
