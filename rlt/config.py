@@ -614,6 +614,14 @@ def _unknown_key_message(key: str, schema: type, algorithm: str) -> str:
     return f"{key}: unknown key{hint}"
 
 
+def unknown_override_message(key: str) -> str:
+    """The message for a command-line override of a key no schema has (Hydra refuses it before `validate`)."""
+    keys = sorted(set().union(*(_schema_keys(schema) for schema in SCHEMAS.values())))
+    close = difflib.get_close_matches(key, keys, n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else " (the keys are listed in rlt/config.py)"
+    return f"{key}: unknown key{hint}"
+
+
 def validate(cfg: DictConfig | dict) -> Any:
     """Check a composed config and return the typed run config (an `SFTRunConfig`, ...).
 

@@ -52,12 +52,100 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
     return recipe.train(run)
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job Hydra's basic sweeper launches for these command-line overrides (in its order).
+
+    ['a=1,2', 'b=x'] → [['a=1', 'b=x'], ['a=2', 'b=x']]. Raises `ConfigError` on unparsable overrides.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from rlt.errors import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    except Exception as e:  # hydra's OverrideParseException / HydraException
+        raise ConfigError(f"cannot read the sweep: {str(e).splitlines()[0]}") from None
+
+
+def _composition_error(e: Exception) -> str:
+    """Hydra/OmegaConf's message for a config that does not compose, without its traceback hint; an unknown key
+    named as `validate` names it."""
+    import re
+
+    from rlt.config import unknown_override_message
+
+    text = str(e).split("Config search path:")[0]
+    if match := re.match(r"Could not override '([^']+)'", text):
+        return unknown_override_message(match.group(1))
+    return "\n".join(line.rstrip().replace("\t", "  ") for line in text.splitlines()
+                     if line.strip() and "HYDRA_FULL_ERROR" not in line)
+
+
+def check_overrides(overrides: list[str], *, multirun: bool) -> None:
+    """Compose and validate the run (or every job of a multirun sweep) before Hydra starts the first one.
+
+    Hydra's launcher runs sweep jobs one after another: without this, a bad value in the last job of a sweep stops
+    it only after the others have trained. Raises `ConfigError` naming each invalid job (its overrides) and what
+    is wrong; an unknown key is named as such (with the closest known keys) instead of Hydra's advice to add it
+    with `+`. Sweeps of another sweeper plugin (`hydra/sweeper=...`) are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlt.errors import ConfigError
+
+    def is_hydra(o: str) -> bool:
+        return o.lstrip("+~").startswith("hydra")
+
+    if any(o.lstrip("+~").startswith(("hydra/sweeper", "hydra.sweeper")) for o in overrides):
+        return
+    plain = [o for o in overrides if not is_hydra(o)]
+    jobs = sweep_jobs(plain) if multirun else [plain]
+    problems = []
+    for index, job in enumerate(jobs):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                validate(compose(config_name="train", overrides=[*job, *filter(is_hydra, overrides)]))
+        except RltError as e:
+            problems.append((index, job, str(e)))
+        except Exception as e:  # omegaconf / hydra composition errors (unknown key or group option, bad value...)
+            if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+                raise
+            problems.append((index, job, "invalid config:\n  - " + _composition_error(e).replace("\n", "\n    ")))
+        finally:
+            GlobalHydra.instance().clear()
+    if not problems:
+        return
+    if not multirun:
+        raise ConfigError(problems[0][2])
+    lines = [f"{len(problems)} of {len(jobs)} sweep jobs have an invalid config (no job was started):"]
+    for index, job, message in problems:
+        lines.append(f"  job #{index} ({' '.join(job)}):")
+        lines += [f"    {line}" for line in message.splitlines() if line.strip()]
+    raise ConfigError("\n".join(lines))
+
+
 def main() -> None:
     print_config = PRINT_CONFIG_FLAG in sys.argv
     if print_config:
         sys.argv.remove(PRINT_CONFIG_FLAG)
 
     register_defaults()
+    args = sys.argv[1:]
+    # plain override lists only: other Hydra flags (--cfg, --config-name, --info, ...) are Hydra's to handle
+    if all(a in MULTIRUN_FLAGS or (not a.startswith("-") and "=" in a) for a in args):
+        try:
+            check_overrides([a for a in args if a not in MULTIRUN_FLAGS],
+                            multirun=any(a in MULTIRUN_FLAGS for a in args))
+        except RltError as e:
+            sys.stderr.write(f"\nrlt: {e}\n")
+            sys.exit(2)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _main(cfg: DictConfig) -> None:

@@ -118,3 +118,45 @@ def test_cli_print_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 7" in proc.stdout and "gradient_accumulation_steps: 2" in proc.stdout
     assert f"output_dir: {tmp_path}/tiny_sft" in proc.stdout
+
+
+def test_sweep_jobs_expand_like_hydras_basic_sweeper():
+    """Two sweep keys of 2 and 3 values and one fixed key: 2 × 3 = 6 jobs, the last key varying fastest."""
+    from rlt.train import sweep_jobs
+
+    jobs = sweep_jobs(["a=1,2", "b=x", "c=p,q,r"])
+    assert jobs[:2] == [["a=1", "b=x", "c=p"], ["a=1", "b=x", "c=q"]] and len(jobs) == 6
+    assert jobs[-1] == ["a=2", "b=x", "c=r"]
+    assert sweep_jobs(["a=1"]) == [["a=1"]]
+    with pytest.raises(ConfigError, match="cannot read the sweep"):
+        sweep_jobs(["a=[1,"])
+
+
+def _train(*args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "rlt.train", *args, f"results_dir={tmp_path}", "report_to=[none]"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_multirun_checks_every_job_before_the_first_starts(tmp_path):
+    proc = _train("-m", "run_cfg=tiny_sft", "max_steps=1", "learning_rate=1e-3,-1", "model_cfg=tiny,nope",
+                  tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "3 of 4 sweep jobs have an invalid config (no job was started)" in proc.stderr
+    assert "job #1 (run_cfg=tiny_sft max_steps=1 learning_rate=0.001 model_cfg=nope" in proc.stderr
+    assert "learning_rate=-1.0 must be > 0" in proc.stderr and "Could not find 'model_cfg/nope'" in proc.stderr
+    assert "job #0" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_unknown_key_on_the_command_line_is_named_with_a_suggestion(tmp_path):
+    proc = _train("run_cfg=tiny_sft", "lerning_rate=1e-3", tmp_path=tmp_path)
+    assert proc.returncode == 2
+    assert "lerning_rate: unknown key (did you mean learning_rate?)" in proc.stderr
+    assert "+lerning_rate" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multirun_sweep_runs_one_dir_per_job(tmp_path):
+    proc = _train("-m", "run_cfg=tiny_sft", "max_steps=1", "learning_rate=1e-3,3e-3", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = sorted((tmp_path / "tiny_sft" / "multirun").glob("*/summary.json"))
+    assert [p.parent.name.split(",")[0] for p in summaries] == ["learning_rate=0.001", "learning_rate=0.003"]
