@@ -40,6 +40,7 @@ TEACHER_STYLES = ("stratos", "r1")
 REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
 NORMALIZATIONS = (None, "none", "exp", "exp_norm")
 COMPLETION_STYLES = ("gsm8k", "reasoning_answer_tags")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL 1.16
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
 GENERATION_BACKENDS = ("hf", "vllm_colocate", "vllm_server")
@@ -211,7 +212,7 @@ class OptimSection:
     per_device_eval_batch_size: int = 8
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | no
     gradient_checkpointing: bool = False
-    eval_steps: int | None = None  # evaluate every N steps (null = only at the end, if there is eval data)
+    eval_steps: int | None = None  # evaluate every N steps (null: SFT only at the end if there is eval data; GRPO/RLT never)
     eval_on_start: bool = False  # evaluate before the first step (shows the starting loss)
     early_stopping_patience: int | None = None  # stop after N evals without eval_loss improvement
 
@@ -346,6 +347,14 @@ class GRPOSection:
     vllm_max_model_len: int | None = None  # null = max_prompt_length + max_completion_length
     vllm_enable_prefix_caching: bool = True
     vllm_importance_sampling_correction: bool = True  # reweight by trainer/vLLM probability ratio (TRL's TIS)
+    # token_truncate: per-token ratio clipped to [clip_min, clip_max] (never drops a sequence); TRL's default,
+    # sequence_mask, zeroes whole sequences whose summed log-ratio leaves the bounds (long bf16 completions)
+    vllm_importance_sampling_mode: str = "token_truncate"  # | token_mask | sequence_truncate | sequence_mask
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    # TRL 1.16 multiplies the KL term by the (differentiable) IS ratio by default, which changes the KL gradient
+    # even on-policy; false = the reference's plain k3 gradient
+    use_bias_correction_kl: bool = False
     vllm_server_host: str = "127.0.0.1"  # vllm_server: the one server used when vllm_server_urls is empty
     vllm_server_port: int = 8000
     vllm_server_timeout: float = 240.0  # vllm_server: seconds to wait for every server's /health at start-up
@@ -396,6 +405,14 @@ class GRPOSection:
             errors.append(f"min_p={self.min_p} must be in [0, 1]")
         _positive(errors, "repetition_penalty", self.repetition_penalty)
         _one_of(errors, "loss_type", self.loss_type, LOSS_TYPES)
+        _one_of(errors, "vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and lo < 0:
+            errors.append(f"vllm_importance_sampling_clip_min={lo} must be >= 0 or null")
+        if hi is not None and hi <= 0:
+            errors.append(f"vllm_importance_sampling_clip_max={hi} must be > 0 or null")
+        if lo is not None and hi is not None and lo >= hi:
+            errors.append(f"vllm_importance_sampling_clip_min={lo} must be below vllm_importance_sampling_clip_max={hi}")
         _one_of(errors, "scale_rewards", self.scale_rewards, SCALE_REWARDS)
         if self.beta < 0:
             errors.append(f"beta={self.beta} must be >= 0")

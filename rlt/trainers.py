@@ -24,9 +24,7 @@ import torch
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from rlt.config import logit_processing
-
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from rlt.config import IS_MODES, logit_processing
 
 
 def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *,

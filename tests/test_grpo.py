@@ -51,6 +51,17 @@ def test_grpo_defaults_are_the_reference_semantics(compose):
     kw = grpo_kwargs(run)
     assert (kw["loss_type"], kw["beta"], kw["scale_rewards"], kw["num_iterations"]) == ("grpo", 0.04, "group", 1)
     assert kw["steps_per_generation"] == run.gradient_accumulation_steps
+    # TRL 1.16 multiplies the KL by the differentiable IS ratio by default (another gradient, even on-policy)
+    assert kw["use_bias_correction_kl"] is False
+    # with vLLM: per-token truncated IS (TRL's default sequence_mask zeroes whole long sequences)
+    assert (kw["vllm_importance_sampling_mode"], kw["vllm_importance_sampling_clip_max"]) == ("token_truncate", 3.0)
+    from trl import GRPOConfig
+
+    args = GRPOConfig(output_dir="/tmp/unused", bf16=False, use_cpu=True, **kw)
+    assert args.use_bias_correction_kl is False and args.vllm_importance_sampling_mode == "token_truncate"
+    assert args.trust_remote_code is False and args.model_init_kwargs is None
+    revision = grpo_kwargs(validate(compose(["run_cfg=tiny_grpo", "model_revision=v2", "trust_remote_code=true"])))
+    assert revision["model_init_kwargs"] == {"revision": "v2"} and revision["trust_remote_code"] is True
 
 
 def test_geometry_of_the_85gb_plan_is_rejected_with_numbers(compose):
@@ -78,6 +89,10 @@ def test_geometry_of_the_85gb_plan_is_rejected_with_numbers(compose):
     (["temperature=0"], r"temperature=0.0 must be > 0"),
     (["generation_backend=vllm_colocate", "top_p=0.9", "min_p=0.05"],
      r"vllm_importance_sampling_correction=true with top_p=0.9, min_p=0.05: vLLM's sampling log-probs"),
+    (["vllm_importance_sampling_mode=token"], r"vllm_importance_sampling_mode='token' is not one of"),
+    (["vllm_importance_sampling_clip_min=2", "vllm_importance_sampling_clip_max=1"],
+     r"vllm_importance_sampling_clip_min=2.0 must be below vllm_importance_sampling_clip_max=1.0"),
+    (["vllm_importance_sampling_clip_max=0"], r"vllm_importance_sampling_clip_max=0.0 must be > 0 or null"),
     (["eval_accuracy_samples=5"], r"eval_accuracy_samples: not used by algorithm=grpo \(it is a key of sft\)"),
 ])
 def test_bad_grpo_config(compose, overrides, message):

@@ -429,3 +429,22 @@ def test_offloading_moves_the_student_only_for_the_call(setup):
         assert not any(p.requires_grad for p in student.parameters()) and not student.training
     finally:
         del student.to
+
+
+def test_explanation_without_a_body_token_gets_the_kl_fill_not_nan(setup):
+    """A sampled token fusing the whole explanation with the start of the tag ('.<|', see the straddling test) leaves
+    explanation text '.' (not blank) with no body token: no teacher/student log-prob to compare. The KL term is the
+    fill of a NaN KL score, −p = +1 (rlt-spec §2), with or without the teacher's entropy: reward = log-prob term − 1.
+    (The split is simulated: a tokenizer with '.<|' added would need a resized model.)"""
+    tok = setup[0]
+    ids = tok(".<|end_of_explanation|>", add_special_tokens=False)["input_ids"]
+    for include in (True, False):
+        reward = make_reward(setup, include_teacher_think_entropy=include)
+        reward._split_explanation = lambda _ids: ([], ".", True, ".")
+        rewards = reward(prompts=[setup[3]["prompt"]], completions=[".<|end_of_explanation|>"], completion_ids=[ids],
+                         question=[QUESTION], solution=[SOLUTION])
+        terms = reward.last_terms
+        assert terms["blank"] == [0.0] and terms["no_entropy_kl_term"] == [-P]
+        if include:
+            assert terms["kl_term"] == [-P]
+        assert rewards[0] == pytest.approx(terms["log_prob_term"][0] + P) and math.isfinite(rewards[0])

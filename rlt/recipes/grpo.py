@@ -99,6 +99,13 @@ def grpo_kwargs(run: GRPORunConfig) -> dict:
         vllm_enable_sleep_mode=run.vllm_enable_sleep_mode,
         vllm_max_model_length=run.vllm_max_model_len or run.max_prompt_length + run.max_completion_length,
         vllm_importance_sampling_correction=run.vllm_importance_sampling_correction,
+        vllm_importance_sampling_mode=run.vllm_importance_sampling_mode,
+        vllm_importance_sampling_clip_min=run.vllm_importance_sampling_clip_min,
+        vllm_importance_sampling_clip_max=run.vllm_importance_sampling_clip_max,
+        use_bias_correction_kl=run.use_bias_correction_kl,
+        # the reference model TRL builds from the policy's path loads like the policy
+        trust_remote_code=run.trust_remote_code,
+        model_init_kwargs={"revision": run.model_revision} if run.model_revision else None,
         vllm_server_host=run.vllm_server_host,
         vllm_server_port=run.vllm_server_port,
         vllm_server_timeout=run.vllm_server_timeout,

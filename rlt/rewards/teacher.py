@@ -632,6 +632,8 @@ class TeacherKLReward:
                     if not math.isfinite(kl_term):
                         kl_term = -p
                     kl_raw_mean, teacher_mean = d.mean().item(), q_k.mean().item()
+                elif self.needs_teacher_forward:  # no body token (the only one is fused with the closing tag)
+                    kl_term = -p  # the KL fill, as for a NaN KL score
                 else:
                     kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
             match = (p if not info[i]["closed"] else 0.0) + (p if blank else 0.0)
