@@ -11,7 +11,8 @@ Variants (same model, data, seed, geometry and hyperparameters):
   `rlt.rewards.gsm8k.correctness_reward` / `format_reward` passed unwrapped, the prompt dataset built with
   `rlt.data.loading.gsm8k_prompt_dataset`, no callbacks of ours). Values TRL defaults differently from ours are
   set by hand to ours: `gradient_checkpointing=False` and `bf16=False` (TRL: True), `loss_type="grpo"` (TRL:
-  dapo), `beta=0.04` (TRL: 0), `optim="adamw_torch"`, constant learning rate; the run prints every `GRPOConfig`
+  dapo), `beta=0.04` (TRL: 0), `use_bias_correction_kl=False` (TRL: True), `optim="adamw_torch"`, constant
+  learning rate; the run prints every `GRPOConfig`
   field that still differs from ours.
 * `ours-hf`: `rlt.train.run_training` on the composed Hydra config (`run_cfg=tiny_grpo` + overrides) with
   `generation_backend=hf`: our recipe, reward guard, JSONL metrics and checkpoint callbacks, memory check.
@@ -114,7 +115,7 @@ def plain_trl_config(args, output_dir: str):
         gradient_accumulation_steps=ga, bf16=False, gradient_checkpointing=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to="none", num_generations=args.generations,
         max_completion_length=args.max_tokens, temperature=1.0, top_p=1.0, top_k=0, loss_type="grpo", beta=0.04,
-        reward_weights=[1.0, 1.0], use_vllm=False)
+        reward_weights=[1.0, 1.0], use_vllm=False, use_bias_correction_kl=False)
 
 
 def config_differences(args) -> dict:

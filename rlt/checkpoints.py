@@ -8,6 +8,7 @@ removes unmarked leftovers, so a killed run always resumes from a loadable state
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -68,3 +69,27 @@ class CompleteCheckpointCallback(TrainerCallback):
             if ckpt.is_dir():
                 mark_complete(ckpt)
         return control
+
+
+def completed_summary(output_dir: str | Path, max_steps: int, *, needs_final: bool) -> dict | None:
+    """The `summary.json` of a run that already finished: its last complete checkpoint is at `max_steps` (> 0) and
+    the summary (and, when `needs_final`, `final/`) were written after it. None otherwise.
+
+    Why: the HF Trainer, resumed from a checkpoint at `max_steps`, trains one more step before it checks the step
+    count (it enters the unfinished epoch first), so re-running a finished command would change its result.
+    """
+    output_dir = Path(output_dir)
+    summary_file = output_dir / "summary.json"
+    if max_steps <= 0 or not summary_file.is_file() or (needs_final and not (output_dir / "final").is_dir()):
+        return None
+    ckpt = last_complete_checkpoint(output_dir, remove_incomplete=False)
+    if ckpt is None:
+        return None
+    try:
+        step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    if step < max_steps or summary.get("global_step") != step:
+        return None
+    return summary

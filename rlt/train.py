@@ -45,8 +45,14 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         return None
     import importlib
 
+    from rlt.checkpoints import completed_summary
     from rlt.memcheck import check_before_training
 
+    if run.resume and not run.resume_from and (done := completed_summary(
+            run.output_dir, run.max_steps, needs_final=run.save_final_model)) is not None:
+        print(f"rlt: {run.output_dir} already finished {done['global_step']} of max_steps={run.max_steps} steps; "
+              "nothing to do (raise max_steps to train on, or use a new run_name / output_dir)", flush=True)
+        return done
     check_before_training(run)
     recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
     return recipe.train(run)

@@ -1,4 +1,4 @@
-"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, and nothing else changed.
+"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, and a resumable synced reference.
 
 1. **The importance-sampling ratio from the training forward.** With vLLM and
    ``vllm_importance_sampling_correction`` TRL runs one extra no-grad forward of the policy over every completion
@@ -14,17 +14,30 @@
    penalty), every reward function also receives ``sampling_logprobs`` (one list per completion, aligned with
    ``completion_ids``; None entries where vLLM had none) and ``sampling_temperature``. The RLT teacher reward uses
    them instead of a teacher forward (`rlt.rewards.TeacherKLReward`, ``reuse_sampling_logprobs``).
+3. **The synced reference model is checkpointed.** With ``sync_ref_model`` TRL mixes the policy into the reference
+   in place every ``ref_model_sync_steps``, but checkpoints hold only the policy and TRL rebuilds the reference from
+   the policy's path: a resumed run (and an RLT run whose student is the reference) silently went back to the initial
+   model. Each checkpoint also gets ``ref_model.safetensors`` (written before the completion marker), loaded again
+   on resume (not under ZeRO-3, where the reference is partitioned: a warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from rlt.config import IS_MODES, logit_processing
+
+log = logging.getLogger(__name__)
+
+# the synced reference model (`sync_ref_model`) inside a checkpoint: TRL mixes it in place and rebuilds it from the
+# policy's path at start-up, so without this file a resumed run would compare with the initial policy again
+REF_MODEL_FILE = "ref_model.safetensors"
 
 
 def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *,
@@ -142,3 +155,45 @@ class GRPOTrainer(TRLGRPOTrainer):
             inputs = [{**row, "sampling_logprobs": lp, "sampling_temperature": self.temperature}
                       for row, lp in zip(inputs, logprobs, strict=True)]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    # ---- 3. the synced reference model travels with the checkpoint
+
+    def _synced_reference(self) -> torch.nn.Module | None:
+        """The reference model when `sync_ref_model` changes it during training and it is held whole in this process
+        (not ZeRO-3-partitioned), else None."""
+        if not self.args.sync_ref_model or getattr(self, "ref_model", None) is None:
+            return None
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            log.warning("sync_ref_model under ZeRO-3: the synced reference model is not saved in checkpoints; a "
+                        "resumed run restarts it from the initial policy")
+            return None
+        return self.accelerator.unwrap_model(self.ref_model)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)  # the completion marker is written after this, by our callback
+        ref = self._synced_reference()
+        if ref is not None and self.args.should_save:
+            from safetensors.torch import save_model
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            tmp = os.path.join(folder, f".{REF_MODEL_FILE}.tmp")
+            save_model(ref, tmp)
+            os.replace(tmp, os.path.join(folder, REF_MODEL_FILE))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        ref = self._synced_reference()
+        if ref is not None and resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, REF_MODEL_FILE)
+            if os.path.isfile(path):
+                from safetensors.torch import load_model
+
+                load_model(ref, path, strict=True, device=str(next(ref.parameters()).device))
+                log.info("Restored the synced reference model from %s", path)
+            else:
+                log.warning("%s has no %s: the reference model restarts from the initial policy", resume_from_checkpoint,
+                            REF_MODEL_FILE)
+        return super().train(resume_from_checkpoint, *args, **kwargs)

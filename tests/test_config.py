@@ -153,10 +153,3 @@ def test_unknown_key_on_the_command_line_is_named_with_a_suggestion(tmp_path):
     assert proc.returncode == 2
     assert "lerning_rate: unknown key (did you mean learning_rate?)" in proc.stderr
     assert "+lerning_rate" not in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_multirun_sweep_runs_one_dir_per_job(tmp_path):
-    proc = _train("-m", "run_cfg=tiny_sft", "max_steps=1", "learning_rate=1e-3,3e-3", tmp_path=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summaries = sorted((tmp_path / "tiny_sft" / "multirun").glob("*/summary.json"))
-    assert [p.parent.name.split(",")[0] for p in summaries] == ["learning_rate=0.001", "learning_rate=0.003"]

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from rlt.config import validate
 from rlt.errors import ConfigError, DataError
@@ -138,3 +139,36 @@ def test_grpo_three_steps_vllm_colocate_weights_stay_synced(compose, tmp_path):
     for r in records:
         assert r["sampling/importance_sampling_ratio/min"] > 0.9, r
         assert r["sampling/importance_sampling_ratio/max"] < 1.1, r
+
+
+def length_reward(completions, **_):
+    """A reward that differs within every group (so the policy moves from the first step): completion length."""
+    return [float(len(c[0]["content"] if isinstance(c, list) else c)) for c in completions]
+
+
+def test_synced_reference_model_is_checkpointed_and_restored(compose, tmp_path, monkeypatch):
+    """sync_ref_model every step with alpha 0.5: the reference changes at each step; each checkpoint holds it
+    (ref_model.safetensors), and a resumed run starts from the saved reference, not from the initial policy."""
+    from safetensors.torch import load_file
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from rlt.trainers import REF_MODEL_FILE
+
+    sync = ["sync_ref_model=true", "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5", "learning_rate=1e-2",
+            "save_total_limit=null", "reward_funcs=[{_target_:tests.test_grpo.length_reward}]", "reward_weights=null"]
+    _run(compose, tmp_path, "max_steps=2", "save_steps=1", *sync)
+    saved = [load_file(tmp_path / f"checkpoint-{k}" / REF_MODEL_FILE) for k in (1, 2)]
+    name = next(k for k in saved[0] if k.endswith("q_proj.weight"))
+    assert not torch.equal(saved[0][name], saved[1][name])  # synced again at step 2
+    assert (tmp_path / "checkpoint-2" / ".rlt_complete").exists()
+
+    class Loaded(Exception):  # stops the resumed run where TRL's training would begin
+        pass
+
+    def stop(self, *args, **kwargs):
+        raise Loaded(self.accelerator.unwrap_model(self.ref_model).state_dict()[name].clone())
+
+    monkeypatch.setattr(TRLGRPOTrainer, "train", stop)
+    with pytest.raises(Loaded) as loaded:
+        _run(compose, tmp_path, "max_steps=3", "save_steps=1", *sync)  # resumes from checkpoint-2
+    assert torch.equal(loaded.value.args[0], saved[1][name])

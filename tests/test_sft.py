@@ -73,6 +73,18 @@ def test_last_complete_checkpoint_skips_and_removes_incomplete(tmp_path):
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
 
+def test_rerunning_a_finished_run_trains_nothing(compose, tmp_path, capsys):
+    """The HF Trainer resumed at max_steps would take one more step (max_steps=2 → 3); a finished run is reported
+    as such instead, and raising max_steps continues it."""
+    first = _run(compose, tmp_path, "max_steps=2", "save_steps=1")
+    again = _run(compose, tmp_path, "max_steps=2", "save_steps=1")
+    assert again == json.loads((tmp_path / "summary.json").read_text()) and again["global_step"] == 2
+    assert first["global_step"] == 2 and not (tmp_path / "checkpoint-3").exists()
+    assert "already finished 2 of max_steps=2 steps; nothing to do" in capsys.readouterr().out
+    more = _run(compose, tmp_path, "max_steps=3", "save_steps=1")
+    assert more["global_step"] == 3 and more["resumed_from"].endswith("checkpoint-2")
+
+
 def _train_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rlt.train", *FAST, f"output_dir={out}", "max_steps=120", "save_steps=10",
             "eval_steps=null", "save_total_limit=2", "max_eval_samples=8", *extra]
