@@ -526,7 +526,7 @@ class RLTSection:
     The reward keys keep the reference names."""
 
     student_model: str | None = None  # null = the reference model (the initial teacher), as in the reference
-    offload_untrained_models: bool = True  # keep a separately loaded student on CPU between scoring rounds
+    offload_untrained_models: bool = True  # student and reference model on CPU except for their forwards (GPU)
     teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
     teacher_reuse_sampling_logprobs: bool = True  # vLLM's sampling log-probs at tau_T replace the teacher forward
     save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/

@@ -1,4 +1,5 @@
-"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, and a resumable synced reference.
+"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, a resumable synced reference and
+an offloadable reference model.
 
 1. **The importance-sampling ratio from the training forward.** With vLLM and
    ``vllm_importance_sampling_correction`` TRL runs one extra no-grad forward of the policy over every completion
@@ -19,16 +20,21 @@
    the policy's path: a resumed run (and an RLT run whose student is the reference) silently went back to the initial
    model. Each checkpoint also gets ``ref_model.safetensors`` (written before the completion marker), loaded again
    on resume (not under ZeRO-3, where the reference is partitioned: a warning says so).
+4. **The reference model can live on CPU** (``offload_reference``, from ``offload_untrained_models``): TRL keeps it
+   on the GPU for the whole run; here it is moved to the device only for its log-prob forward and for a
+   ``sync_ref_model`` mix (single process or DDP; DeepSpeed/FSDP keep TRL's placement).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 
 import torch
 from trl import GRPOTrainer as TRLGRPOTrainer
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanmax, nanmin
 
 from rlt.config import IS_MODES, logit_processing
@@ -74,12 +80,18 @@ def plain_tempered_sampling(args) -> bool:
     return bool(args.use_vllm) and not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
 
 
+def _release_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class GRPOTrainer(TRLGRPOTrainer):
     """TRL's GRPOTrainer plus the two savings of the module docstring. `is_ratio_from_loss` tells whether saving 1
     is active for this configuration."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, offload_reference: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self._setup_reference_offload(offload_reference)
         generate_every = self.args.steps_per_generation * self.num_iterations
         self.is_ratio_from_loss = bool(self.use_vllm and self.vllm_importance_sampling_correction
                                        and self.args.gradient_accumulation_steps % generate_every == 0)
@@ -110,6 +122,9 @@ class GRPOTrainer(TRLGRPOTrainer):
             self._pending_is_inputs = None
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if model is self.ref_model and self.offloads_reference:
+            with self.reference_on_device():
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         pending = self._pending_is_inputs
         if pending is not None and model is pending[0]:  # the loss forward of the policy inside _compute_loss
@@ -155,6 +170,47 @@ class GRPOTrainer(TRLGRPOTrainer):
             inputs = [{**row, "sampling_logprobs": lp, "sampling_temperature": self.temperature}
                       for row, lp in zip(inputs, logprobs, strict=True)]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    # ---- 4. the reference model offloaded to CPU between its forwards (offload_untrained_models)
+
+    def _setup_reference_offload(self, enabled: bool) -> None:
+        """Keep TRL's reference model in CPU memory, on the training device only for its log-prob forward (and a
+        `sync_ref_model` mix), as the reference RLT trainer did (rlt-spec §3.6). Not under DeepSpeed/FSDP (their
+        reference is a wrapped, possibly partitioned engine) nor on a CPU-only run (nothing to free)."""
+        has_reference = getattr(self, "ref_model", None) is not None
+        wrapped = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        self.offloads_reference = bool(enabled and has_reference and not wrapped and self._device_is_not_cpu())
+        if enabled and has_reference and wrapped:
+            log.warning("offload_untrained_models: the reference model stays on the GPU under DeepSpeed/FSDP")
+        if not self.offloads_reference:
+            return
+        self.ref_model.to("cpu")
+        _release_device_memory()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SyncRefModelCallback):
+                callback.on_step_end = self._with_reference_on_device_for_sync(callback.on_step_end)
+
+    def _device_is_not_cpu(self) -> bool:
+        return self.accelerator.device.type != "cpu"
+
+    @contextlib.contextmanager
+    def reference_on_device(self):
+        """The offloaded reference model on the training device for the duration of the block, then back on CPU."""
+        self.ref_model.to(self.accelerator.device)
+        try:
+            yield self.ref_model
+        finally:
+            self.ref_model.to("cpu")
+            _release_device_memory()
+
+    def _with_reference_on_device_for_sync(self, on_step_end):
+        def wrapped(args, state, control, **kwargs):
+            if state.global_step % args.ref_model_sync_steps:  # TRL's own test: not a sync step
+                return on_step_end(args, state, control, **kwargs)
+            with self.reference_on_device():
+                return on_step_end(args, state, control, **kwargs)
+
+        return wrapped
 
     # ---- 3. the synced reference model travels with the checkpoint
 

@@ -52,7 +52,8 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                               eval_dataset=eval_ds, processing_class=tokenizer,
                               peft_config=common.peft_config_for(run),
-                              callbacks=[*common.callbacks_for(run, out), *callbacks])
+                              callbacks=[*common.callbacks_for(run, out), *callbacks],
+                              offload_reference=getattr(run, "offload_untrained_models", False))
     if on_trainer is not None:
         on_trainer(trainer)
 

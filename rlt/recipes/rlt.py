@@ -65,7 +65,8 @@ def train(run: RLTRunConfig) -> dict:
         for r in teacher_rewards:
             r.set_teacher_model(trainer.model)
             if share_reference:
-                r.set_student_model(trainer.ref_model, offload=False)
+                # an offloaded reference goes back to CPU after scoring, like a separate student
+                r.set_student_model(trainer.ref_model, offload=trainer.offloads_reference)
 
     return grpo.fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs, on_trainer=link,
                     callbacks=[RewardTermsLine()])
