@@ -238,7 +238,8 @@ def plan_from_config(run, args, *, policy: M.ModelArch, student: M.ModelArch | N
         kw = dict(
             seq_len=prompt + completion, logits_tokens=completion, num_generations=get("num_generations", 8),
             prompt_len=prompt, completion_len=completion, reference_model=bool(beta) and not peft,
-            reference_offload=offload, student=student,
+            # rlt.trainers offloads TRL's reference only without DeepSpeed (under ZeRO it is a wrapped engine)
+            reference_offload=offload and args.zero is None, student=student,
             student_offload=offload and not get("disable_student_offloading", False), vllm_mode=mode,
             vllm_gpu_memory_utilization=get("vllm_gpu_memory_utilization", 0.3),
             vllm_sleep=get("vllm_enable_sleep_mode", False), generation_round=round_size,
