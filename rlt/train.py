@@ -66,6 +66,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
     ['a=1,2', 'b=x'] → [['a=1', 'b=x'], ['a=2', 'b=x']]. Raises `ConfigError` on unparsable overrides.
     """
+    # Hydra's own basic sweeper does this expansion when it launches; its module is private (hydra-core is pinned)
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

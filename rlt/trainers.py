@@ -33,6 +33,7 @@ import math
 import os
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanmax, nanmin
@@ -78,11 +79,6 @@ def plain_tempered_sampling(args) -> bool:
     """Whether a vLLM generator's processed log-probs are ``log_softmax(logits / temperature)`` for these
     GRPOConfig sampling settings (`rlt.config.logit_processing`)."""
     return bool(args.use_vllm) and not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
-
-
-def _release_device_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class GRPOTrainer(TRLGRPOTrainer):
@@ -185,23 +181,26 @@ class GRPOTrainer(TRLGRPOTrainer):
         if not self.offloads_reference:
             return
         self.ref_model.to("cpu")
-        _release_device_memory()
+        clear_device_cache()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, SyncRefModelCallback):
                 callback.on_step_end = self._with_reference_on_device_for_sync(callback.on_step_end)
 
     def _device_is_not_cpu(self) -> bool:
-        return self.accelerator.device.type != "cpu"
+        return self._training_device().type != "cpu"
+
+    def _training_device(self) -> torch.device:
+        return self.accelerator.device
 
     @contextlib.contextmanager
     def reference_on_device(self):
         """The offloaded reference model on the training device for the duration of the block, then back on CPU."""
-        self.ref_model.to(self.accelerator.device)
+        self.ref_model.to(self._training_device())
         try:
             yield self.ref_model
         finally:
             self.ref_model.to("cpu")
-            _release_device_memory()
+            clear_device_cache()
 
     def _with_reference_on_device_for_sync(self, on_step_end):
         def wrapped(args, state, control, **kwargs):
@@ -220,8 +219,10 @@ class GRPOTrainer(TRLGRPOTrainer):
         if not self.args.sync_ref_model or getattr(self, "ref_model", None) is None:
             return None
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            log.warning("sync_ref_model under ZeRO-3: the synced reference model is not saved in checkpoints; a "
-                        "resumed run restarts it from the initial policy")
+            if not getattr(self, "_warned_zero3_reference", False):
+                self._warned_zero3_reference = True
+                log.warning("sync_ref_model under ZeRO-3: the synced reference model is not saved in checkpoints; "
+                            "a resumed run restarts it from the initial policy")
             return None
         return self.accelerator.unwrap_model(self.ref_model)
 

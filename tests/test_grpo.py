@@ -176,21 +176,26 @@ def test_synced_reference_model_is_checkpointed_and_restored(compose, tmp_path, 
 
 def test_offloaded_reference_visits_the_device_only_for_its_forward_and_sync(compose, tmp_path, monkeypatch):
     """offload_untrained_models on a GPU: the reference lives on CPU and is moved to the training device for its
-    log-prob forward and for each sync_ref_model mix, then back. On this CPU machine both places are the CPU, so the
-    device check is forced and the moves are recorded (each `.to` here is a no-op)."""
+    log-prob forward and for each sync_ref_model mix, then back. This machine has no GPU: the trainer is told its
+    device is "meta" and the reference's `.to` records where it is sent, moving it only to the CPU (no-op)."""
     from rlt.trainers import GRPOTrainer
 
     moves = []
-    monkeypatch.setattr(GRPOTrainer, "_device_is_not_cpu", lambda self: True)
+    monkeypatch.setattr(GRPOTrainer, "_training_device", lambda self: torch.device("meta"))
     original = GRPOTrainer._setup_reference_offload
 
     def setup(self, enabled):
         to = self.ref_model.to
-        self.ref_model.to = lambda *a, **k: (moves.append(str(a[0]) if a else str(k)), to(*a, **k))[1]
+
+        def record(device):
+            moves.append(str(device))
+            return self.ref_model if str(device) == "meta" else to(device)
+
+        self.ref_model.to = record
         original(self, True)  # the GRPO schema has no offload key: forced here
 
     monkeypatch.setattr(GRPOTrainer, "_setup_reference_offload", setup)
     _run(compose, tmp_path, "max_steps=2", "sync_ref_model=true", "ref_model_sync_steps=2",
          "ref_model_mixup_alpha=0.5")
-    # construction: to CPU; each step: device + back for the reference forward; step 2 also for the mix
-    assert moves == ["cpu", "cpu", "cpu", "cpu", "cpu", "cpu", "cpu"]
+    # construction: to CPU; each of 2 steps: there and back for the reference forward; step 2 also for the mix
+    assert moves == ["cpu", "meta", "cpu", "meta", "cpu", "meta", "cpu"]

@@ -371,6 +371,7 @@ def test_shipped_rlt_configs_checked_before_the_warm_up_exists(capsys):
     assert memcheck_main(["teacher_rlt_mono_85gb", "--gpu-memory", "85GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["verdict"] == "PASS" and data["policy"]["arch"]["params"] == M.param_count(Q7)
+    assert {c["name"]: c["bytes"] for c in data["components"]}["reference model"] == 0  # offloaded (no DeepSpeed)
     assert "stand-in memcheck_model_arch=Qwen/Qwen2.5-7B-Instruct" in data["policy"]["source"]
     assert "stand-in memcheck_student_arch=Qwen/Qwen2.5-7B-Instruct" in data["student"]["source"]
     # the published recipe on 4 + 4 GPUs of 80 GB: ZeRO-3 fits; a 64 × 32k-token group exceeding the server's KV
@@ -379,6 +380,8 @@ def test_shipped_rlt_configs_checked_before_the_warm_up_exists(capsys):
                           "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in data["checks"]}
+    # under DeepSpeed the trainer keeps TRL's reference on the GPUs: a ZeRO-3 shard of the 16-bit copy per GPU
+    assert {c["name"]: c["bytes"] for c in data["components"]}["reference model"] == M.param_count(Q7) * 2 // 4
     assert checks["KV cache holds one sequence"]["ok"] and not checks["KV cache holds one group"]["ok"]
     assert memcheck_main(["teacher_rlt", "--num-gpus", "4", "--vllm-gpus", "4", "--gpu-memory", "80GB"]) == 1
     assert "--zero 3" in capsys.readouterr().out  # DDP: 80.3 GB per GPU, ZeRO-3 suggested
