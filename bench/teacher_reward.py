@@ -34,7 +34,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -51,7 +50,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 MODELS = {"tiny": "rlt:tiny", "smollm2": "rlt:smollm2-135m"}
 LENGTHS = (16, 128, 32, 96, 48, 64, 24, 112)  # completion tokens, cycled over the completions
 SYNTHETIC = {"num_train": 200, "num_eval": 10, "max_operand": 20, "max_terms": 2, "ops": "+-"}
-REWARD_KW = dict(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03], temperature=0.7,
+REWARD_KW = dict(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],  # the teacher_rlt keys
+                 reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"], normalize_log_prob_fn=None,
+                 normalize_kl_fn=None, clip_log_prob=1e5, clip_kl=1e5, temperature=0.7,
                  unbias_student_log_probs_temp=0.7, teacher_format="stratos")
 
 
@@ -158,7 +159,7 @@ def reference_style(reward, prompts, completion_ids, question, solution, timer=N
             s_text = student_chat(q, fmt.delimiters_padding + body, sol, fmt, tok)
             s_ids = tok(s_text, add_special_tokens=False)["input_ids"]
             t_ids = tok(text=prompt + body + close)["input_ids"]
-            think = tok(body, add_special_tokens=False)["input_ids"]
+            think = tok(fmt.delimiters_padding + body, add_special_tokens=False)["input_ids"]  # thought content
             t0 = time.perf_counter()
             s_lp = _full_logprobs(reward.student_model, s_ids, reward.student_temperature)
             t_lp = _full_logprobs(reward.teacher_model, t_ids, reward.teacher_temperature)
@@ -166,11 +167,10 @@ def reference_style(reward, prompts, completion_ids, question, solution, timer=N
             s_k, q_k = _take(s_lp, _find(s_ids, think)), _take(t_lp, _find(t_ids, think, last=True))
             ell = _take(s_lp, _find(s_ids, tok(fmt.pad(sol), add_special_tokens=False)["input_ids"], last=True))
             n = min(len(s_k), len(q_k))
-            lp_term = reward._reduced(reward._lp_values(ell), reward.reduction_log_prob_fn, reward.lp_coeffs)[1]
+            lp_term = reward._reduced(reward._lp_values(ell), reward.reduction_log_prob_fn, reward.lp_coeffs, p)[1]
             kl_term = reward._reduced(reward._kl_values(q_k[:n] - s_k[:n]), reward.reduction_kl_fn,
-                                      reward.kl_coeffs)[1]
-            out.append((lp_term if math.isfinite(lp_term) else p) - (kl_term if math.isfinite(kl_term) else -p)
-                       + match)
+                                      reward.kl_coeffs, -p)[1]
+            out.append(lp_term - kl_term + match)
             t2 = time.perf_counter()
             gc.collect()
             if timer is not None:

@@ -370,6 +370,26 @@ def load_model(name_or_path: str, *, torch_dtype: str = "auto", attn_implementat
     return model
 
 
+@torch.no_grad()
+def match_vocabulary(model, like) -> bool:
+    """Resize `model`'s token embeddings (and untied output head) to `like`'s row count and copy `like`'s extra rows
+    (e.g. a pad token the tokenizer repair added), so both models embed every id the same way; True if resized.
+    Under ZeRO-3 (partitioned, empty local weights) the rows are resized but not copied."""
+    rows, target = model.get_input_embeddings().weight.shape[0], like.get_input_embeddings().weight.shape[0]
+    if rows >= target:
+        return False
+    model.resize_token_embeddings(target, mean_resizing=False)
+    pairs = [(model.get_input_embeddings(), like.get_input_embeddings())]
+    out, like_out = model.get_output_embeddings(), like.get_output_embeddings()
+    if out is not None and like_out is not None and out.weight is not pairs[0][0].weight:
+        pairs.append((out, like_out))
+    for mine, theirs in pairs:
+        if mine.weight.numel() and theirs.weight.numel():
+            mine.weight[rows:] = theirs.weight[rows:target].to(mine.weight.device, mine.weight.dtype)
+    logger.info("Resized the reference model's token embeddings from %d to %d rows (the policy's)", rows, target)
+    return True
+
+
 def _sync_with_tokenizer(model, tokenizer) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:

@@ -23,6 +23,10 @@ an offloadable reference model.
 4. **The reference model can live on CPU** (``offload_reference``, from ``offload_untrained_models``): TRL keeps it
    on the GPU for the whole run; here it is moved to the device only for its log-prob forward and for a
    ``sync_ref_model`` mix (single process or DDP; DeepSpeed/FSDP keep TRL's placement).
+5. **The reference model has the policy's vocabulary.** TRL rebuilds the reference from the policy's path, so when
+   the tokenizer repair added a pad token and the policy's embeddings were resized (`rlt.models.load_model`), the
+   reference had fewer rows: its forward over padded batches indexed past its embedding (and a ``sync_ref_model``
+   mix failed on the shapes). The rebuilt reference is resized to the policy's rows, the new rows copied from it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanmax, nanmin
 
 from rlt.config import IS_MODES, logit_processing
+from rlt.models import match_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +86,37 @@ def plain_tempered_sampling(args) -> bool:
     return bool(args.use_vllm) and not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
 
 
+@contextlib.contextmanager
+def _reference_like(policy):
+    """While TRL builds its reference model from the policy's path, give it the policy's vocabulary rows (saving 5).
+    A policy given by name is loaded by TRL like its reference: nothing to match."""
+    if policy is None:
+        yield
+        return
+    import trl.trainer.grpo_trainer as grpo_module
+
+    build = grpo_module.create_model_from_path
+
+    def build_like_policy(*args, **kwargs):
+        reference = build(*args, **kwargs)
+        match_vocabulary(reference, policy)
+        return reference
+
+    grpo_module.create_model_from_path = build_like_policy
+    try:
+        yield
+    finally:
+        grpo_module.create_model_from_path = build
+
+
 class GRPOTrainer(TRLGRPOTrainer):
     """TRL's GRPOTrainer plus the two savings of the module docstring. `is_ratio_from_loss` tells whether saving 1
     is active for this configuration."""
 
     def __init__(self, *args, offload_reference: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        policy = kwargs.get("model", args[0] if args else None)
+        with _reference_like(policy if isinstance(policy, torch.nn.Module) else None):
+            super().__init__(*args, **kwargs)
         self._setup_reference_offload(offload_reference)
         generate_every = self.args.steps_per_generation * self.num_iterations
         self.is_ratio_from_loss = bool(self.use_vllm and self.vllm_importance_sampling_correction

@@ -2,6 +2,7 @@
 geometry validation; over-long prompts dropped and counted."""
 
 import json
+import math
 import logging
 
 import pytest
@@ -199,3 +200,26 @@ def test_offloaded_reference_visits_the_device_only_for_its_forward_and_sync(com
          "ref_model_mixup_alpha=0.5")
     # construction: to CPU; each of 2 steps: there and back for the reference forward; step 2 also for the mix
     assert moves == ["cpu", "meta", "cpu", "meta", "cpu", "meta", "cpu"]
+
+
+def test_reference_model_gets_the_vocabulary_of_a_repaired_tokenizer(compose, tmp_path, monkeypatch):
+    """A pad token the tokenizer did not have is added and the policy's embeddings grow (2048 -> 2112 rows, a
+    multiple of 64); TRL rebuilds its reference from the path (2048 rows), whose forward over padded batches then
+    indexed past its embedding. The reference gets the policy's rows (the new ones copied), so the KL runs and
+    sync_ref_model mixes equal shapes."""
+    from rlt.trainers import GRPOTrainer
+
+    seen = {}
+    original = GRPOTrainer._setup_reference_offload
+
+    def record(self, enabled):
+        ref, policy = self.ref_model.get_input_embeddings().weight, self.model.get_input_embeddings().weight
+        seen.update(rows=(ref.shape[0], policy.shape[0]), same=torch.equal(ref[2048:], policy[2048:]))
+        original(self, enabled)
+
+    monkeypatch.setattr(GRPOTrainer, "_setup_reference_offload", record)
+    summary = _run(compose, tmp_path, "pad_token='<|newpad|>'", "max_steps=2", "sync_ref_model=true",
+                   "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5")
+    assert summary["global_step"] == 2
+    assert seen == {"rows": (2112, 2112), "same": True}
+    assert all(math.isfinite(r["kl"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "kl" in r)

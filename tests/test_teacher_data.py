@@ -293,3 +293,25 @@ def test_bad_arguments(tok):
                                  synthetic={"num_train": 2, "num_eval": 1})
     with pytest.raises(DataError, match="no explanation trace"):
         teacher_sft_example({"question": "Q", "solution": "5"}, FMT, tok)
+
+
+def test_default_system_prompts_are_the_published_texts():
+    """The stratos defaults are the texts the published checkpoints were trained with (RLT's teacher prompt, the
+    Bespoke-Stratos student prompt), with this format's tags; literal backslash-n and braces are part of them."""
+    fmt = TeacherFormat()
+    student, teacher = fmt.student_system_prompt, fmt.teacher_system_prompt
+    assert student.startswith("Your role as an assistant involves thoroughly exploring questions through a "
+                              "systematic long thinking process before providing the final precise and accurate")
+    assert "<|begin_of_thought|> {thought with steps separated with '\\n\\n'} <|end_of_thought|> Each" in student
+    assert student.endswith("<|begin_of_solution|> {final formatted, precise, and clear solution} "
+                            "<|end_of_solution|> Now, try to solve the following question through the above "
+                            "guidelines:")
+    assert teacher.startswith("Your role as an assistant involves providing precise and accurate solutions before "
+                              "providing detailed explanations with your full work")
+    assert ("<|begin_of_solution|> {final formatted, precise, and clear solution} <|end_of_solution|>. In the "
+            "Explanation section") in teacher
+    assert "<|begin_of_explanation|> {explanation with steps separated with '\\n\\n'} <|end_of_explanation|>" in teacher
+    assert teacher.endswith("refining any errors, and revisiting previous steps. ")
+    r1 = TeacherFormat.r1()
+    assert "<think> {thought with steps" in r1.student_system_prompt and "<explanation> {explanation" in \
+        r1.teacher_system_prompt

@@ -9,6 +9,7 @@ reductions (`statistics`), coefficients and penalties.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 
@@ -17,7 +18,7 @@ import torch
 
 from rlt.data.teacher import TeacherFormat, student_chat, teacher_rl_prompt
 from rlt.errors import ConfigError
-from rlt.rewards.teacher import TeacherKLReward
+from rlt.rewards.teacher import TeacherKLReward, reduce_values
 
 FMT = TeacherFormat(teacher_system_prompt="Explain the solution.", student_system_prompt="Think, then answer.")
 QUESTION, SOLUTION = "What is 2 plus 3?", "5"
@@ -41,9 +42,16 @@ def setup(tiny_model_path):
     return tok, teacher, student, row
 
 
+# the teacher_rlt recipe's reward keys (the class defaults are the reference class's: see test_class_defaults)
+RECIPE = dict(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
+              reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"], normalize_log_prob_fn=None,
+              normalize_kl_fn=None, clip_log_prob=1e5, clip_kl=1e5)
+
+
 def make_reward(setup, **kw):
     tok, teacher, student, _ = setup
-    kw.setdefault("teacher_format", FMT)
+    for key, value in {"teacher_format": FMT, **RECIPE}.items():
+        kw.setdefault(key, value)
     return TeacherKLReward(student, tok, kw.pop("teacher_model", teacher), **kw)
 
 
@@ -92,7 +100,7 @@ def reduce_py(values, name):
     if name in ("min", "max"):
         return min(values) if name == "min" else max(values)
     if name == "median":
-        return statistics.median(values)
+        return statistics.median_low(values)  # the middle value; of an even count the lower one (torch.median)
     quartiles = statistics.quantiles(values, n=4, method="inclusive")
     return quartiles[0] if name == "first_quartile" else quartiles[2]
 
@@ -109,20 +117,24 @@ def transform(values, norm, clip_low=None, clip_high=None):
 def reference_terms(setup, body, *, a=(1.0, 0.01), b=(3.0, 0.03), red_lp=("mean", "min"), red_kl=("mean", "max"),
                     tau_s=1.0, tau_t=1.0, schulman=False, norm_lp="none", norm_kl="none", clip_lp=1e5, clip_kl=1e5,
                     entropy=True):
-    """(log-prob term, KL term) for the explanation `body` (the text between the padding and the closing tag)."""
+    """(log-prob term, KL term) for the explanation `body` (the text between the padding and the closing tag).
+
+    The explanation span is the thought content (padding + body, rlt-spec §1.5): the tokens lying wholly inside it,
+    in the student chat and in the teacher's prompt + body text."""
     tok, teacher, student, row = setup
     explanation = FMT.delimiters_padding + body
     s_text = student_chat(QUESTION, explanation, SOLUTION, FMT, tok)
-    b_lo = s_text.index(FMT.think_open) + len(FMT.think_open) + len(FMT.delimiters_padding)
+    e_lo = s_text.index(FMT.think_open) + len(FMT.think_open)
     sol = FMT.pad(SOLUTION)
     sol_lo = s_text.rindex(FMT.solution_open + sol + FMT.solution_close) + len(FMT.solution_open)
-    s_ids, s_k = span_logprobs(student, tok, s_text, b_lo, b_lo + len(body), tau_s)
+    s_ids, s_k = span_logprobs(student, tok, s_text, e_lo, e_lo + len(explanation), tau_s)
     _, ell = span_logprobs(student, tok, s_text, sol_lo, sol_lo + len(sol), tau_s)
     t_text = row["prompt"] + body
-    t_ids, q_k = span_logprobs(teacher, tok, t_text, len(row["prompt"]), len(t_text), tau_t)
+    t_ids, q_k = span_logprobs(teacher, tok, t_text, len(row["prompt"]) - len(FMT.delimiters_padding), len(t_text),
+                               tau_t)
     assert t_ids == s_ids  # both models score the same explanation tokens
 
-    lp_vals = transform(ell, norm_lp, clip_low=-clip_lp)
+    lp_vals = transform(ell, norm_lp, clip_low=-clip_lp if clip_lp is not None else None)
     lp_term = sum(c * reduce_py(lp_vals, r) for c, r in zip(a, red_lp, strict=True))
     d = [q - s for q, s in zip(q_k, s_k, strict=True)] if entropy else [-s for s in s_k]
     if schulman:
@@ -219,7 +231,8 @@ def test_malformed_completions_get_the_penalty(setup):
     # an empty solution span (empty solution) gives the log-prob term the penalty
     empty = reward(prompts=[setup[3]["prompt"]], completion_ids=[tok(BODIES[0] + CLOSE)["input_ids"]],
                    question=[QUESTION], solution=[""])
-    assert reward.last_terms["log_prob_term"] == [P] and math.isfinite(empty[0])
+    # each reduction of the empty span is filled with p, then weighed: p * (1 + 0.01)
+    assert reward.last_terms["log_prob_term"] == pytest.approx([P * 1.01]) and math.isfinite(empty[0])
 
 
 def test_batched_equals_unbatched(setup):
@@ -249,7 +262,7 @@ def test_scalar_and_list_coefficients(setup):
         pytest.approx([reference_reward(setup, b, a=(1.0,), red_lp=("mean",)) for b in BODIES], abs=2e-5)
     with pytest.raises(ConfigError, match="paired elementwise"):
         make_reward(setup, answer_log_prob_coeff=[1.0, 2.0, 3.0])
-    with pytest.raises(ConfigError, match="must not be negative"):
+    with pytest.raises(ConfigError, match="must be > 0"):
         make_reward(setup, answer_log_prob_coeff=-1.0)
     with pytest.raises(ConfigError, match="unknown reduction"):
         make_reward(setup, reduction_kl_fn=["mean", "p90"])
@@ -279,8 +292,8 @@ def test_zero_kl_coefficient_skips_the_teacher_forward(setup, coeff):
     expected = [reference_reward(setup, b, b=(0.0, 0.0)) for b in BODIES]
     counter = ForwardCounter(teacher, student)
     try:
-        no_teacher = TeacherKLReward(student, tok, None, teacher_format=FMT, kl_penalty_reward_coeff=coeff,
-                                     batch_size=2)
+        no_teacher = TeacherKLReward(student, tok, None, teacher_format=FMT,
+                                     **{**RECIPE, "kl_penalty_reward_coeff": coeff}, batch_size=2)
         rewards = call(no_teacher, setup, texts)
     finally:
         counter.remove()
@@ -339,7 +352,7 @@ def test_shared_prefixes_equal_whole_sequences(setup):
 
 def test_missing_teacher_and_format_mismatch(setup):
     tok, _, student, row = setup
-    reward = TeacherKLReward(student, tok, teacher_format=FMT)
+    reward = TeacherKLReward(student, tok, teacher_format=FMT, **RECIPE)
     with pytest.raises(ConfigError, match="set_teacher_model"):
         call(reward, setup, [BODIES[0] + CLOSE])
     reward.set_teacher_model(setup[1])
@@ -363,8 +376,9 @@ def _sampling_logprobs(setup, texts, tau):
 
 def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
     """`rlt.trainers.GRPOTrainer` passes `sampling_logprobs` + `sampling_temperature`: at tau_T they replace the
-    teacher forward (same rewards); a row without them, or another temperature, or reuse off, is scored by the
-    forward."""
+    teacher forward (same rewards) but for one prefill of the prompt, which scores the padding token that opens the
+    explanation span; a row without them, or another temperature, or reuse off, is scored by the forward (one forward
+    per call here: batch 8, no prefix sharing)."""
     teacher = setup[1]
     texts = [b + CLOSE for b in BODIES]
     expected = [reference_reward(setup, b, tau_t=0.7) for b in BODIES]
@@ -373,20 +387,20 @@ def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
     try:
         reward = make_reward(setup, temperature=0.7, batch_size=8, share_prefixes=False)  # 1 forward per call
         rewards = call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[0.7] * 4)
-        assert counter.count == [0] and reward.last_reused_sampling_logprobs == 4
+        assert counter.count == [1] and reward.last_reused_sampling_logprobs == 4  # the prompt's prefill only
         assert rewards == pytest.approx(expected, abs=2e-5)
 
         partial = [given[0], None, given[2][:3], [None] + given[3][1:]]  # missing, too short, a None value
         assert call(reward, setup, texts, sampling_logprobs=partial, sampling_temperature=0.7) == pytest.approx(
             expected, abs=2e-5)
-        assert counter.count == [1] and reward.last_reused_sampling_logprobs == 1
+        assert counter.count == [2] and reward.last_reused_sampling_logprobs == 1  # 3 rows + the prefill: 1 forward
 
         call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[1.0] * 4)  # not tau_T
-        assert counter.count == [2] and reward.last_reused_sampling_logprobs == 0
+        assert counter.count == [3] and reward.last_reused_sampling_logprobs == 0
         off = make_reward(setup, temperature=0.7, reuse_sampling_logprobs=False, share_prefixes=False)
         assert call(off, setup, texts, sampling_logprobs=given, sampling_temperature=0.7) == pytest.approx(
             expected, abs=2e-5)
-        assert counter.count == [3] and off.last_reused_sampling_logprobs == 0
+        assert counter.count == [4] and off.last_reused_sampling_logprobs == 0
     finally:
         counter.remove()
 
@@ -431,20 +445,57 @@ def test_offloading_moves_the_student_only_for_the_call(setup):
         del student.to
 
 
-def test_explanation_without_a_body_token_gets_the_kl_fill_not_nan(setup):
+def test_explanation_without_a_body_token(setup):
     """A sampled token fusing the whole explanation with the start of the tag ('.<|', see the straddling test) leaves
-    explanation text '.' (not blank) with no body token: no teacher/student log-prob to compare. The KL term is the
-    fill of a NaN KL score, −p = +1 (rlt-spec §2), with or without the teacher's entropy: reward = log-prob term − 1.
+    explanation text '.' (not blank) with no body token. The explanation span still holds the padding token that
+    opens it, so the KL is that token's (the direct computation of an empty body: the student's log-prob of the
+    padding depends on the chat before it only). Without padding the span is empty: each KL reduction is NaN and
+    filled with -p = +1 before the coefficients weigh it (rlt-spec §2), KL term = 3 + 0.03, never NaN.
     (The split is simulated: a tokenizer with '.<|' added would need a resized model.)"""
     tok = setup[0]
     ids = tok(".<|end_of_explanation|>", add_special_tokens=False)["input_ids"]
-    for include in (True, False):
-        reward = make_reward(setup, include_teacher_think_entropy=include)
-        reward._split_explanation = lambda _ids: ([], ".", True, ".")
-        rewards = reward(prompts=[setup[3]["prompt"]], completions=[".<|end_of_explanation|>"], completion_ids=[ids],
-                         question=[QUESTION], solution=[SOLUTION])
-        terms = reward.last_terms
-        assert terms["blank"] == [0.0] and terms["no_entropy_kl_term"] == [-P]
-        if include:
-            assert terms["kl_term"] == [-P]
-        assert rewards[0] == pytest.approx(terms["log_prob_term"][0] + P) and math.isfinite(rewards[0])
+    unpadded = dataclasses.replace(FMT, delimiters_padding="")
+    for fmt in (FMT, unpadded):
+        prompt = teacher_rl_prompt({"question": QUESTION, "solution": SOLUTION}, fmt, tok)["prompt"]
+        for include in (True, False):
+            reward = make_reward(setup, include_teacher_think_entropy=include, teacher_format=fmt)
+            reward._split_explanation = lambda _ids: ([], ".", True, ".")
+            rewards = reward(prompts=[prompt], completions=[".<|end_of_explanation|>"], completion_ids=[ids],
+                             question=[QUESTION], solution=[SOLUTION])
+            terms = reward.last_terms
+            assert terms["blank"] == [0.0] and math.isfinite(rewards[0])
+            if fmt is FMT:
+                assert terms["no_entropy_kl_term"] == pytest.approx([reference_terms(setup, "", entropy=False)[1]])
+                if include:
+                    assert terms["kl_term"] == pytest.approx([reference_terms(setup, "")[1]], abs=2e-5)
+            else:
+                assert terms["no_entropy_kl_term"] == pytest.approx([-P * 3.03])
+                if include:
+                    assert terms["kl_term"] == pytest.approx([-P * 3.03])
+            kl = terms["kl_term" if include else "no_entropy_kl_term"][0]
+            assert rewards[0] == pytest.approx(terms["log_prob_term"][0] - kl)
+
+
+def test_reductions_by_hand():
+    """The `reduce_values` docstring's example: sorted 1, 2, 3, 4 -> mean 2.5, sum 10, min 1, max 4, lower median 2
+    (as torch.median and the reference's nanmedian), quartiles by linear interpolation at ranks 0.75 and 2.25:
+    1 + 0.75 * (2 - 1) = 1.75 and 3 + 0.25 * (4 - 3) = 3.25; an empty span is NaN."""
+    x = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    names = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
+    assert [reduce_values(x, n) for n in names] == [2.5, 10.0, 1.0, 4.0, 2.0, 1.75, 3.25]
+    assert reduce_values(torch.tensor([5.0, 1.0, 3.0]), "median") == 3.0
+    assert math.isnan(reduce_values(torch.empty(0), "max"))
+
+
+def test_class_defaults_are_the_reference_classes(setup):
+    """Unset keys take the reference class's defaults (a = b = 1, mean, exp / exp_norm, no clipping, tau 1), so
+    a call ported from the reference gives its numbers; a scalar log-prob coefficient <= 0 raises as there."""
+    tok, teacher, student, _ = setup
+    reward = TeacherKLReward(student, tok, teacher, teacher_format=FMT)
+    expected = [reference_reward(setup, b, a=(1.0,), b=(1.0,), red_lp=("mean",), red_kl=("mean",), norm_lp="exp",
+                                 norm_kl="exp_norm", clip_lp=None, clip_kl=None) for b in BODIES]
+    assert call(reward, setup, [b + CLOSE for b in BODIES]) == pytest.approx(expected, abs=2e-5)
+    for bad in (0, 0.0, -1.0):
+        with pytest.raises(ConfigError, match="answer_log_prob_coeff must be > 0"):
+            TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=bad)
+    TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=[0.0])  # a deliberate off

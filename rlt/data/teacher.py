@@ -67,19 +67,41 @@ REJECT_TOO_LONG = "too_long"  # over max_prompt_tokens / max_length
 
 _SENTINEL = "\x00RLT-SPLIT\x00"  # never occurs in real text; used to locate contents inside rendered chats
 
+# The default system prompts are the published texts, verbatim (tags templated), because the published checkpoints
+# were trained with them: the teacher prompt is the one the RLT reference trains its teachers with, the student prompt
+# is Bespoke-Stratos / SkyThought's (the Bespoke-Stratos-17k conversations and the Bespoke-Stratos-7B student). A
+# student scored under another wording gives other log-probs. Their typos ("analisying") are part of the text.
 _TEACHER_PROMPT = (
-    "You are a teacher who explains solutions to students. For each question, reply in two parts. First, state a "
-    "precise and correct Solution between {solution_open} and {solution_close}. Then write an Explanation between "
-    "{explanation_open} and {explanation_close} that walks a student through the complete, systematic reasoning "
-    "that leads to this solution: analyse the question, explore possible approaches, check intermediate results, and "
-    "go back to fix mistakes when you find them. Separate the steps of the explanation with blank lines."
+    "Your role as an assistant involves providing precise and accurate solutions before providing detailed "
+    "explanations with your full work showing your systematic thinking process leading to each solution. "
+    "Your explanations should show how you engaged in a comprehensive cycle of analysis, summarizing, exploration, "
+    "reassessment, reflection, backtracing, and iteration to develop well-considered thinking process. "
+    "Please structure your response into two main sections: Solution and Explanation. "
+    "In the Solution section, present your well-thought solution that accurately answers the question. The solution "
+    "should remain a logical, accurate, concise expression style and detail necessary step needed to reach the "
+    "conclusion, formatted as follows: {solution_open} {{final formatted, precise, and clear solution}} "
+    "{solution_close}. "
+    "In the Explanation section, comprehensively detail your reasoning process using the specified format: "
+    "{explanation_open} {{explanation with steps separated with '\\n\\n'}} {explanation_close} Each step should "
+    "show detailed considerations leading to your solutions such as analisying questions, summarizing relevant "
+    "findings, brainstorming new ideas, verifying the accuracy of the current steps, refining any errors, and "
+    "revisiting previous steps. "
 )
 _STUDENT_PROMPT = (
-    "You are an assistant who thinks carefully before answering. Reply in two sections. In the Thought section, "
-    "between {think_open} and {think_close}, reason about the question at length: analyse it, summarise what is "
-    "known, explore ideas, verify every step, and correct or revisit earlier steps when needed, separating the steps "
-    "with blank lines. Then, in the Solution section, between {solution_open} and {solution_close}, give the final "
-    "answer concisely and accurately, with the key steps that lead to it."
+    "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking process "
+    "before providing the final precise and accurate solutions. "
+    "This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, reassessment, reflection, "
+    "backtracing, and iteration to develop well-considered thinking process. "
+    "Please structure your response into two main sections: Thought and Solution. "
+    "In the Thought section, detail your reasoning process using the specified format: {think_open} {{thought with "
+    "steps separated with '\\n\\n'}} {think_close} Each step should include detailed considerations such as "
+    "analisying questions, summarizing relevant findings, brainstorming new ideas, verifying the accuracy of the "
+    "current steps, refining any errors, and revisiting previous steps. "
+    "In the Solution section, based on various attempts, explorations, and reflections from the Thought section, "
+    "systematically present the final solution that you deem correct. The solution should remain a logical, "
+    "accurate, concise expression style and detail necessary step needed to reach the conclusion, formatted as "
+    "follows: {solution_open} {{final formatted, precise, and clear solution}} {solution_close} Now, try to solve "
+    "the following question through the above guidelines:"
 )
 
 

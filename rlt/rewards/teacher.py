@@ -12,7 +12,10 @@ For each teacher completion (the explanation the teacher wrote after ``explanati
    ``think_close`` + delimiter + solution block + end of turn), i.e. `rlt.data.teacher.student_chat` of the
    explanation text ``padding + body + leftover``. The solution span is the tokens lying wholly inside the padded
    solution content (located with the tokenizer's offsets; the tags are not in it). Teacher sequence = tokens(prompt)
-   (tokenised like TRL does) + body ids. Both models therefore score exactly the same explanation tokens.
+   (tokenised like TRL does) + body ids. The explanation span is the padding tokens that end both prefixes (those
+   lying wholly inside the padding text; a token fused with the open tag is not) followed by the body ids, since the
+   thought content includes its leading padding (rlt-spec §1.5-1.6). Both models therefore score exactly the same
+   explanation tokens.
 3. One forward per micro-batch and model, sequences sorted by length and left-padded, logits only for the scored
    positions (``logits_to_keep``), ``log_softmax(logits / tau)`` in float32: student at
    ``tau_S = unbias_student_log_probs_temp`` (None -> 1) gives ``l`` (solution span) and ``s_k`` (explanation span),
@@ -34,13 +37,16 @@ no-entropy twin):
 * ``r_format`` (logged as ``match_reward``) = ``p`` if the explanation is not closed, plus ``p`` if it is blank (no
   token, or only whitespace).
 * The KL term is 0 when the KL is off (every KL coefficient 0: the teacher forward is skipped) or the explanation is
-  blank (the blank penalty above replaces it); if it is otherwise NaN/inf it contributes ``p`` (i.e. KL term = -p).
-* The log-prob term contributes ``p`` when the solution span is empty or the term is NaN/inf.
+  blank (the blank penalty above replaces it). Otherwise each reduction that is NaN/inf (an empty span, a NaN
+  log-prob) counts as ``-p`` before its coefficient weighs it (rlt-spec §2), so the KL term is ``-p * sum_j b_j``
+  when every reduction is.
+* Likewise each NaN/inf reduction of the log-prob term counts as ``p`` (an empty solution span: ``p * sum_j a_j``).
 
 With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
 (only the twin is computed). With a vLLM generator `rlt.trainers.GRPOTrainer` passes the sampling log-probs, which
 are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the teacher forward is then skipped
-(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``). Per-completion values of the last
+(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``) but for one prefill per distinct
+prompt that scores the padding tokens (they are prompt tokens, which the generator does not score). Per-completion values of the last
 call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
 """
 
@@ -62,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
 NORMALIZATIONS = ("none", "exp", "exp_norm")
-_QUANTILES = {"median": 0.5, "first_quartile": 0.25, "last_quartile": 0.75}
+_QUANTILES = {"first_quartile": 0.25, "last_quartile": 0.75}
 _LOGSOFTMAX_CHUNK = 512  # positions per float32 log_softmax chunk (bounds the float32 copy of the logits)
 
 
@@ -70,7 +76,16 @@ _LOGSOFTMAX_CHUNK = 512  # positions per float32 log_softmax chunk (bounds the f
 
 
 def reduce_values(values: torch.Tensor, name: str) -> float:
-    """One reduction of a 1-D float tensor; NaN for an empty tensor."""
+    """One reduction of a 1-D float tensor; NaN for an empty tensor. ``median`` is the lower median (the middle
+    value; of an even count the smaller of the two middle values, as ``torch.median`` and the reference);
+    ``first_quartile``/``last_quartile`` are linear-interpolation quantiles (``torch.quantile``).
+
+    >>> x = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    >>> [reduce_values(x, n) for n in ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")]
+    [2.5, 10.0, 1.0, 4.0, 2.0, 1.75, 3.25]
+
+    (sorted 1, 2, 3, 4: lower median 2; q25 at rank 0.25·3 = 0.75 -> 1 + 0.75·(2 - 1); q75 at rank 2.25 -> 3.25)
+    """
     if values.numel() == 0:
         return math.nan
     values = values.float()
@@ -82,6 +97,8 @@ def reduce_values(values: torch.Tensor, name: str) -> float:
         return values.min().item()
     if name == "max":
         return values.max().item()
+    if name == "median":
+        return values.median().item()
     if name in _QUANTILES:
         return torch.quantile(values, _QUANTILES[name]).item()
     raise ConfigError(f"unknown reduction {name!r}; expected one of {list(REDUCTIONS)}")
@@ -185,6 +202,10 @@ def _target_logprobs(logits: torch.Tensor, targets: Sequence[int], temperature: 
 class TeacherKLReward:
     """TRL reward callable for RLT teachers (see the module docstring for the exact definition).
 
+    The keyword defaults are the reference class's (``TeacherKLBasedReward``: a = b = 1, ``mean`` reductions,
+    ``exp``/``exp_norm`` normalisation, no clipping), so a call ported from the reference gives the same numbers;
+    the Hydra group ``reward_cfg/teacher_logprob_kl`` sets every key (the reference configs' values).
+
     Args:
         student_model: the frozen student (same tokenizer/vocabulary as the teacher). Put in eval mode with
             gradients off.
@@ -194,6 +215,8 @@ class TeacherKLReward:
         teacher_format: `TeacherFormat`, a style name (``"stratos"``/``"r1"``) or a mapping of its fields; must be
             the format the RL prompts were built with (checked against the ``teacher_format`` column if present).
         answer_log_prob_coeff / reduction_log_prob_fn: ``a`` and the reductions of the student's solution log-probs.
+        answer_log_prob_coeff: a scalar must be > 0 (as in the reference); a list (one per reduction) may hold
+            zeros.
         kl_penalty_reward_coeff / reduction_kl_fn: ``b`` and the reductions of the per-token KL. All-zero -> the
             teacher forward is skipped; a negative scalar is allowed (it rewards divergence) with a warning.
         normalize_log_prob_fn / normalize_kl_fn: ``None``/``"none"``, ``"exp"`` or ``"exp_norm"``.
@@ -222,19 +245,19 @@ class TeacherKLReward:
         teacher_model=None,
         *,
         teacher_format: TeacherFormat | str | Mapping[str, Any] | None = None,
-        answer_log_prob_coeff: float | Sequence[float] = (1.0, 0.01),
-        kl_penalty_reward_coeff: float | Sequence[float] = (3.0, 0.03),
-        reduction_log_prob_fn: str | Sequence[str] = ("mean", "min"),
-        reduction_kl_fn: str | Sequence[str] = ("mean", "max"),
-        normalize_log_prob_fn: str | None = None,
-        normalize_kl_fn: str | None = None,
-        clip_log_prob: float | None = 1e5,
-        clip_kl: float | None = 1e5,
+        answer_log_prob_coeff: float | Sequence[float] = 1.0,
+        kl_penalty_reward_coeff: float | Sequence[float] = 1.0,
+        reduction_log_prob_fn: str | Sequence[str] = "mean",
+        reduction_kl_fn: str | Sequence[str] = "mean",
+        normalize_log_prob_fn: str | None = "exp",
+        normalize_kl_fn: str | None = "exp_norm",
+        clip_log_prob: float | None = None,
+        clip_kl: float | None = None,
         use_schulman_kl_estimation: bool = False,
         not_matched_penalty: float = -1.0,
-        unbias_teacher_log_probs: bool | None = True,
+        unbias_teacher_log_probs: bool | None = None,
         unbias_student_log_probs_temp: float | None = None,
-        include_teacher_think_entropy: bool = True,
+        include_teacher_think_entropy: bool | None = None,
         temperature: float = 1.0,
         reuse_sampling_logprobs: bool = True,
         batch_size: int = 8,
@@ -254,9 +277,10 @@ class TeacherKLReward:
         self.reduction_kl_fn = _as_names(reduction_kl_fn, "reduction_kl_fn", REDUCTIONS)
         self.lp_coeffs, lp_scalar = _as_coefficients(answer_log_prob_coeff, len(self.reduction_log_prob_fn),
                                                      "answer_log_prob_coeff")
-        if lp_scalar and self.lp_coeffs[0] < 0:
-            raise ConfigError(f"answer_log_prob_coeff must not be negative (it would reward the student for NOT "
-                              f"understanding the solution), got {answer_log_prob_coeff!r}")
+        if lp_scalar and self.lp_coeffs[0] <= 0:
+            raise ConfigError(f"a scalar answer_log_prob_coeff must be > 0 (the solution log-prob term is the reward's "
+                              f"signal), got {answer_log_prob_coeff!r}; to switch the term off deliberately give one "
+                              f"zero per reduction, e.g. {[0.0] * len(self.reduction_log_prob_fn)}")
         self.kl_coeffs, kl_scalar = _as_coefficients(kl_penalty_reward_coeff, len(self.reduction_kl_fn),
                                                      "kl_penalty_reward_coeff")
         if kl_scalar and self.kl_coeffs[0] < 0:
@@ -282,7 +306,8 @@ class TeacherKLReward:
             raise ConfigError(f"unbias_student_log_probs_temp must be a positive number or null, got "
                               f"{unbias_student_log_probs_temp!r}")
         self.student_temperature = 1.0 if unbias_student_log_probs_temp is None else float(unbias_student_log_probs_temp)
-        self.include_teacher_think_entropy = bool(include_teacher_think_entropy)
+        self.include_teacher_think_entropy = True if include_teacher_think_entropy is None else bool(
+            include_teacher_think_entropy)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -357,6 +382,23 @@ class TeacherKLReward:
         while k > 0 and not before.startswith(self._decode(ids[:k])):
             k -= 1
         return ids[:k], before[len(self._decode(ids[:k])):], True, before
+
+    def _padding_tokens(self, student_head: list[int], teacher_prompt: list[int]) -> int:
+        """How many trailing tokens the student head (``... think_open + padding``) and the teacher prompt
+        (``... explanation_open + padding``) share that lie wholly inside the padding text: the explanation span
+        starts with them (rlt-spec §1.5-1.6: the thought content includes its leading padding). A token fused with
+        the tag (e.g. ``'|>\\n'``) is not part of it, as the reference's boundary trimming drops it. Example:
+        padding ``"\\n\\n"``, head ids ``[.., 7 '|>', 9 '\\n\\n']``, prompt ids ``[.., 7 '|>', 9 '\\n\\n']`` -> 1
+        ('|>' is not inside the padding); head ``[.., 5 '|>\\n', 6 '\\n']`` and the same prompt -> 0 (6 != 9).
+        """
+        pad = self.fmt.delimiters_padding
+        k = 0
+        while k < min(len(student_head), len(teacher_prompt)) and student_head[-k - 1] == teacher_prompt[-k - 1]:
+            text = self._decode(student_head[len(student_head) - k - 1:])
+            if not text or not pad.endswith(text):
+                break
+            k += 1
+        return k
 
     def _solution_span(self, tail_text: str, solution: str) -> tuple[list[int], int, int]:
         """Token ids of `tail_text` and the ``[start, end)`` token range lying wholly inside the padded solution."""
@@ -495,9 +537,13 @@ class TeacherKLReward:
 
     # ------------------------------------------------------------------------------------------------- scoring
 
-    def _reduced(self, values: torch.Tensor, names: list[str], coeffs: list[float]) -> tuple[list[float], float]:
+    @staticmethod
+    def _reduced(values: torch.Tensor, names: list[str], coeffs: list[float],
+                 fill: float) -> tuple[list[float], float]:
+        """The reductions of `values` and ``sum_j c_j * R_j``, a NaN/inf reduction (an empty span) counting as
+        `fill` (rlt-spec §2: each NaN score is replaced before the coefficients weigh it)."""
         reductions = [reduce_values(values, n) for n in names]
-        score = sum(c * r for c, r in zip(coeffs, reductions, strict=True))
+        score = sum(c * (r if math.isfinite(r) else fill) for c, r in zip(coeffs, reductions, strict=True))
         return reductions, score
 
     def _lp_values(self, lp: torch.Tensor) -> torch.Tensor:
@@ -560,13 +606,15 @@ class TeacherKLReward:
                 student_cache[key] = (head_ids, tail)
             head_ids, tail = student_cache[key]
             tail_ids, sol_lo, sol_hi = self._solution_span(leftover + tail, solution[i])
-            s_seqs.append(head_ids + body + tail_ids)
-            s_starts.append(len(head_ids))
             if prompts[i] not in prompt_cache:  # tokenised as TRL tokenises plain-string prompts for generation
                 prompt_cache[prompts[i]] = self.tokenizer(text=prompts[i])["input_ids"]
-            t_seqs.append(prompt_cache[prompts[i]] + body)
-            t_starts.append(len(prompt_cache[prompts[i]]))
-            info.append(dict(n_body=len(body), sol=(sol_lo, sol_hi), closed=closed, blank=blank))
+            prompt_ids = prompt_cache[prompts[i]]
+            n_pad = self._padding_tokens(head_ids, prompt_ids)
+            s_seqs.append(head_ids + body + tail_ids)
+            s_starts.append(len(head_ids) - n_pad)
+            t_seqs.append(prompt_ids + body)
+            t_starts.append(len(prompt_ids) - n_pad)
+            info.append(dict(n_body=len(body), n_pad=n_pad, sol=(sol_lo, sol_hi), closed=closed, blank=blank))
 
         # ---- forwards
         device = self._scoring_device()
@@ -586,21 +634,30 @@ class TeacherKLReward:
         teacher_lp: list[torch.Tensor | None] = [None] * n
         reused = 0
         if self.needs_teacher_forward:
-            rows = [i for i in range(n) if info[i]["n_body"] > 0 and not info[i]["blank"]]
-            for i in rows:
-                teacher_lp[i] = self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i,
-                                                                  info[i]["n_body"])
-            rows = [i for i in rows if teacher_lp[i] is None]
-            reused = sum(lp is not None for lp in teacher_lp)
-            if rows and self.teacher_model is None:
+            rows = [i for i in range(n) if info[i]["n_pad"] + info[i]["n_body"] > 0 and not info[i]["blank"]]
+            sampled = {i: self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i,
+                                                           info[i]["n_body"]) for i in rows if info[i]["n_body"]}
+            sampled = {i: q for i, q in sampled.items() if q is not None}
+            reused = len(sampled)
+            # whole sequences where the generator's log-probs cannot stand in; for the others only the padding
+            # tokens at the end of the prompt (one prefill per distinct prompt, the rest is the generator's)
+            forward = [i for i in rows if i not in sampled]
+            pad_only = {}
+            for i in sampled:
+                if info[i]["n_pad"]:
+                    pad_only.setdefault(prompts[i], i)
+            seqs = [t_seqs[i] for i in forward] + [t_seqs[i][:t_starts[i] + info[i]["n_pad"]] for i in pad_only.values()]
+            starts = [t_starts[i] for i in forward] + [t_starts[i] for i in pad_only.values()]
+            if seqs and self.teacher_model is None:
                 raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
                                   "set_teacher_model(trainer.model) before training (or set "
                                   "kl_penalty_reward_coeff to 0)")
-            if rows:
-                scored = self._run(self.teacher_model, [t_seqs[i] for i in rows], [t_starts[i] for i in rows],
-                                   self.teacher_temperature, device)
-                for i, lp in zip(rows, scored, strict=True):
-                    teacher_lp[i] = lp
+            scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device) if seqs else []
+            for i, lp in zip(forward, scored, strict=False):
+                teacher_lp[i] = lp
+            pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
+            for i, q_body in sampled.items():
+                teacher_lp[i] = torch.cat([pad_lp[prompts[i]], q_body]) if info[i]["n_pad"] else q_body
 
         # ---- terms
         terms: dict[str, list[float]] = {}
@@ -610,30 +667,23 @@ class TeacherKLReward:
 
         rewards = []
         for i in range(n):
-            nb, (lo, hi) = info[i]["n_body"], info[i]["sol"]
+            nb, (lo, hi) = info[i]["n_pad"] + info[i]["n_body"], info[i]["sol"]  # nb: the explanation span
             lp_all = student_lp[i]
             s_k, ell = lp_all[:nb], lp_all[nb + lo: nb + hi]
-            lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs)
-            if not math.isfinite(lp_term):
-                lp_term = p
+            lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs, p)
             blank = info[i]["blank"]
             kl_term = ne_term = 0.0
             kl_raw_mean = teacher_mean = math.nan
             kl_red = [math.nan] * len(self.reduction_kl_fn)
             ne_red = list(kl_red)
             if self.kl_active and not blank:
-                ne_red, ne_term = self._reduced(self._kl_values(-s_k), self.reduction_kl_fn, self.kl_coeffs)
-                if not math.isfinite(ne_term):
-                    ne_term = -p
-                q_k = teacher_lp[i]
-                if q_k is not None:
-                    d = q_k - s_k  # both: one value per explanation body token
-                    kl_red, kl_term = self._reduced(self._kl_values(d), self.reduction_kl_fn, self.kl_coeffs)
-                    if not math.isfinite(kl_term):
-                        kl_term = -p
-                    kl_raw_mean, teacher_mean = d.mean().item(), q_k.mean().item()
-                elif self.needs_teacher_forward:  # no body token (the only one is fused with the closing tag)
-                    kl_term = -p  # the KL fill, as for a NaN KL score
+                ne_red, ne_term = self._reduced(self._kl_values(-s_k), self.reduction_kl_fn, self.kl_coeffs, -p)
+                if self.needs_teacher_forward:
+                    q_k = teacher_lp[i] if teacher_lp[i] is not None else torch.empty(0)
+                    d = q_k - s_k  # one value per explanation-span token (empty span: every reduction is filled)
+                    kl_red, kl_term = self._reduced(self._kl_values(d), self.reduction_kl_fn, self.kl_coeffs, -p)
+                    if d.numel():
+                        kl_raw_mean, teacher_mean = d.mean().item(), q_k.mean().item()
                 else:
                     kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
             match = (p if not info[i]["closed"] else 0.0) + (p if blank else 0.0)
@@ -650,7 +700,7 @@ class TeacherKLReward:
             put("no_entropy_reward", ne_total)
             put("unclosed", float(not info[i]["closed"]))
             put("blank", float(blank))
-            put("explanation_tokens", nb)
+            put("explanation_tokens", info[i]["n_body"])
             put("solution_tokens", hi - lo)
             put("log_prob_raw_mean", ell.mean().item() if ell.numel() else math.nan)
             put("kl_raw_mean", kl_raw_mean)
