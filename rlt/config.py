@@ -564,8 +564,9 @@ class RLTSection:
                                   "pair one coefficient with each reduction, or give a scalar")
             elif not isinstance(value, int | float) or isinstance(value, bool):
                 errors.append(f"{coeff}={value!r} must be a number or a list of numbers")
-        if isinstance(self.answer_log_prob_coeff, int | float) and self.answer_log_prob_coeff < 0:
-            errors.append(f"answer_log_prob_coeff={self.answer_log_prob_coeff} must be >= 0")
+        if isinstance(self.answer_log_prob_coeff, int | float) and self.answer_log_prob_coeff <= 0:
+            errors.append(f"answer_log_prob_coeff={self.answer_log_prob_coeff} must be > 0 as a scalar (to switch the "
+                          f"solution term off give one 0 per reduction, e.g. {[0.0] * len(self.reduction_log_prob_fn)})")
         _one_of(errors, "normalize_log_prob_fn", self.normalize_log_prob_fn, NORMALIZATIONS)
         _one_of(errors, "normalize_kl_fn", self.normalize_kl_fn, NORMALIZATIONS)
         _positive(errors, "clip_log_prob", self.clip_log_prob, allow_none=True)

@@ -223,3 +223,17 @@ def test_reference_model_gets_the_vocabulary_of_a_repaired_tokenizer(compose, tm
     assert summary["global_step"] == 2
     assert seen == {"rows": (2112, 2112), "same": True}
     assert all(math.isfinite(r["kl"]) for r in read_metrics(tmp_path / "metrics.jsonl") if "kl" in r)
+
+
+def test_new_pad_token_with_a_vllm_generator_is_rejected_before_loading(compose, tmp_path, monkeypatch):
+    """vLLM builds its engine with the model's own vocabulary (2048 here): a pad token added past it (2049 tokens)
+    could not be pushed at the first weight sync. Rejected from the tokenizer, before any weights load."""
+    import re
+
+    import rlt.recipes.common as common
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    message = re.escape("pad_token='<|newpad|>' is a new token: the tokenizer has 2049 tokens but rlt:tiny has "
+                        "vocab_size=2048, and generation_backend=vllm_colocate")
+    with pytest.raises(ConfigError, match=message):
+        _run(compose, tmp_path, "pad_token='<|newpad|>'", "generation_backend=vllm_colocate")

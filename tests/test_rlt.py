@@ -50,6 +50,13 @@ def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path):
     assert summary["global_step"] == 2
 
 
+def test_separate_student_with_a_new_pad_token(compose, tmp_path, tiny_model_path):
+    """pad_token set to a token the vocabulary lacks: the teacher's and the student's tokenizers are repaired the same
+    way (the shared-tokenizer check compared a repaired one with an unrepaired one), both models are resized."""
+    summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "pad_token='<|newpad|>'", "max_steps=1")
+    assert summary["global_step"] == 1
+
+
 def test_student_with_another_tokenizer_is_rejected(tiny_model_path):
     from rlt.models import load_tokenizer, resolve_model_path
 
@@ -64,6 +71,7 @@ def test_student_with_another_tokenizer_is_rejected(tiny_model_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["answer_log_prob_coeff=[1.0]"], r"answer_log_prob_coeff has 1 entries but reduction_log_prob_fn"),
+    (["answer_log_prob_coeff=0"], r"answer_log_prob_coeff=0 must be > 0 as a scalar .*\[0.0, 0.0\]"),
     (["kl_penalty_reward_coeff=abc"], r"kl_penalty_reward_coeff='abc' must be a number or a list"),
     (["reduction_kl_fn=[mean,mode]"], r"reduction_kl_fn='mode' is not one of"),
     (["normalize_kl_fn=log"], r"normalize_kl_fn='log' is not one of"),

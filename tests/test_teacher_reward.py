@@ -18,7 +18,7 @@ import torch
 
 from rlt.data.teacher import TeacherFormat, student_chat, teacher_rl_prompt
 from rlt.errors import ConfigError
-from rlt.rewards.teacher import TeacherKLReward, reduce_values
+from rlt.rewards.teacher import TeacherKLReward, length_buckets, reduce_values
 
 FMT = TeacherFormat(teacher_system_prompt="Explain the solution.", student_system_prompt="Think, then answer.")
 QUESTION, SOLUTION = "What is 2 plus 3?", "5"
@@ -297,9 +297,9 @@ def test_zero_kl_coefficient_skips_the_teacher_forward(setup, coeff):
         rewards = call(no_teacher, setup, texts)
     finally:
         counter.remove()
-    # no teacher forward; 4 completions of one prompt in micro-batches of 2: per micro-batch, the shared prefix then
-    # the suffixes -> 4 student forwards
-    assert counter.count == [0, 4]
+    # no teacher forward; 4 completions of one prompt, batch 2: the shared prefix once, then its suffixes 2 at a
+    # time -> 3 student forwards
+    assert counter.count == [0, 3]
     assert no_teacher.last_terms["kl_term"] == [0.0] * 4
     assert rewards == pytest.approx(expected, abs=2e-5)
 
@@ -499,3 +499,14 @@ def test_class_defaults_are_the_reference_classes(setup):
         with pytest.raises(ConfigError, match="answer_log_prob_coeff must be > 0"):
             TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=bad)
     TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=[0.0])  # a deliberate off
+
+
+def test_length_buckets_by_hand():
+    """The `length_buckets` docstring's example (slack 64), worked there. With the default slack of 256 tokens:
+    128, 112, 96 as there; +64: 512 padded for 400 real, 112 wasted <= 256, joins; +48: 640 for 448, 192 wasted,
+    joins; +32: 768 for 480 (x1.6, 288 wasted): new bucket; 32+24: 64 for 56 joins; +16: 96 for 72, joins."""
+    lengths = [128, 112, 96, 64, 48, 32, 24, 16]
+    assert length_buckets(lengths, slack=64) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert length_buckets(lengths) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert length_buckets([]) == [] and length_buckets([7]) == [[0]]
+    assert length_buckets([10, 10, 10], max_padding=1.0, slack=0) == [[0, 1, 2]]  # equal lengths never split

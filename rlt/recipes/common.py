@@ -14,6 +14,7 @@ from transformers import EarlyStoppingCallback, set_seed
 
 from rlt.checkpoints import CompleteCheckpointCallback, atomic_write_text, last_complete_checkpoint
 from rlt.config import to_yaml
+from rlt.errors import ConfigError
 from rlt.models import load_model, load_tokenizer, make_lora_config
 from rlt.tracking import JsonlMetricsCallback, configure_reporting
 
@@ -30,8 +31,30 @@ def prepare_run_dir(run) -> Path:
 
 
 def tokenizer_for(run):
-    return load_tokenizer(run.tokenizer_name_or_path or run.model_name_or_path, revision=run.model_revision,
-                          trust_remote_code=run.trust_remote_code, pad_token=run.pad_token)
+    tokenizer = load_tokenizer(run.tokenizer_name_or_path or run.model_name_or_path, revision=run.model_revision,
+                               trust_remote_code=run.trust_remote_code, pad_token=run.pad_token)
+    backend = getattr(run, "generation_backend", "hf")
+    if backend != "hf":
+        check_vocabulary_fits_engine(run, tokenizer, backend)
+    return tokenizer
+
+
+def check_vocabulary_fits_engine(run, tokenizer, backend: str) -> None:
+    """vLLM builds its engine from the model's own config; when the pad-token repair grew the vocabulary past the
+    config's ``vocab_size``, the policy's resized embedding can no longer be pushed into it (shape mismatch at the
+    first weight sync). Caught here, before any weights load."""
+    from transformers import AutoConfig
+
+    from rlt.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(run.model_name_or_path), revision=run.model_revision,
+                                        trust_remote_code=run.trust_remote_code)
+    vocab_size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"pad_token={tokenizer.pad_token!r} is a new token: the tokenizer has {len(tokenizer)} tokens "
+                          f"but {run.model_name_or_path} has vocab_size={vocab_size}, and generation_backend={backend} "
+                          "loads the model with its own vocabulary. Set pad_token to a token the vocabulary already "
+                          "has (or null to pick one), or use generation_backend=hf")
 
 
 def model_for(run, tokenizer, name_or_path: str | None = None):

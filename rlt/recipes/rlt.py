@@ -35,8 +35,9 @@ def train(run: RLTRunConfig) -> dict:
     # ---- setup: tokenizers and prompts first, so their errors come before any weights load
     tokenizer = common.tokenizer_for(run)
     if run.student_model:
-        check_shared_tokenizer(tokenizer, load_tokenizer(run.student_model, revision=run.model_revision,
-                                                         trust_remote_code=run.trust_remote_code), run.student_model)
+        student_tok = load_tokenizer(run.student_model, revision=run.model_revision,
+                                     trust_remote_code=run.trust_remote_code, pad_token=run.pad_token)
+        check_shared_tokenizer(tokenizer, student_tok, run.student_model)  # both repaired the same way
     train_ds, eval_ds = prepare_teacher_datasets(
         run.dataset_id_or_path, mode="rl", tokenizer=tokenizer, fmt=run.teacher_format, columns=run.data_columns,
         split=run.train_split, eval_split=run.eval_split if run.eval_steps else None,

@@ -52,6 +52,7 @@ call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -102,6 +103,32 @@ def reduce_values(values: torch.Tensor, name: str) -> float:
     if name in _QUANTILES:
         return torch.quantile(values, _QUANTILES[name]).item()
     raise ConfigError(f"unknown reduction {name!r}; expected one of {list(REDUCTIONS)}")
+
+
+def length_buckets(lengths: Sequence[int], max_padding: float = 1.25, slack: int = 256) -> list[list[int]]:
+    """Split positions ``0..n-1`` of `lengths` (sorted longest first) into consecutive buckets, each padded to its
+    first (longest) length. The next length joins the current bucket while the padded size stays within
+    `max_padding` x the real token count, or wastes at most `slack` padded tokens (a forward more costs more than a
+    little padding).
+
+    >>> length_buckets([128, 112, 96, 64, 48, 32, 24, 16], slack=64)
+    [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+    (128+112: 256 padded for 240 real, ok; +96: 384 vs 336 (x1.14) ok; +64: 512 vs 400, x1.28 and 112 wasted: new
+    bucket; 64+48: 128 vs 112 ok; +32: 192 vs 144, x1.33 but 48 wasted <= 64: ok; +24: 256 vs 168, x1.52 and 88
+    wasted: new bucket; 24+16: 48 vs 40 ok.)
+    """
+    buckets: list[list[int]] = []
+    real = 0
+    for k, n in enumerate(lengths):
+        padded = (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] if buckets else 0
+        if buckets and (padded <= max_padding * (real + n) or padded - real - n <= slack):
+            buckets[-1].append(k)
+            real += n
+        else:
+            buckets.append([k])
+            real = n
+    return buckets
 
 
 def normalize_values(values: torch.Tensor, name: str | None) -> torch.Tensor:
@@ -434,14 +461,14 @@ class TeacherKLReward:
             groups.setdefault(tuple(seqs[i][:starts[i]]), []).append(i)
         keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
         if self.share_prefixes and self.batch_size > 1 and len(groups) < len(todo) and all(starts[i] for i in todo):
-            chunks = [g[c: c + self.batch_size] for g in groups.values() for c in range(0, len(g), self.batch_size)]
-            chunks.sort(key=lambda g: max(len(seqs[i]) - starts[i] for i in g), reverse=True)
+            by_length = [sorted(g, key=lambda i: starts[i] - len(seqs[i])) for g in groups.values()]  # longest first
+            by_length.sort(key=lambda g: len(seqs[g[0]]) - starts[g[0]], reverse=True)
             batch: list[list[int]] = []
-            for chunk in chunks:  # whole chunks per micro-batch, up to batch_size sequences
-                if batch and sum(map(len, batch)) + len(chunk) > self.batch_size:
+            for group in by_length:  # whole groups per prefix forward, up to batch_size suffixes (or one group)
+                if batch and sum(map(len, batch)) + len(group) > self.batch_size:
                     self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
                     batch = []
-                batch.append(chunk)
+                batch.append(group)
             if batch:
                 self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
             return out
@@ -468,10 +495,12 @@ class TeacherKLReward:
         del logits
 
     def _shared_prefix_batch(self, model, seqs, starts, groups, temperature, device, keep_ok, out) -> None:
-        """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``) in two
-        forwards: the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then
-        every suffix (right-padded) on its group's cached prefix. The first suffix token is scored by the prefix's
-        last logits, the others by the suffix forward."""
+        """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
+        of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then the
+        suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
+        similar lengths (`length_buckets`) so that a short suffix is not padded to the longest one. A group larger
+        than `batch_size` (64 generations, batch 8) runs its prefix once. The first suffix token is scored by the
+        prefix's last logits, the others by the suffix forward."""
         prefixes = [seqs[g[0]][:starts[g[0]]] for g in groups]
         p_len = max(len(p) for p in prefixes)
         p_ids, p_mask = self._padded(prefixes, p_len, left=True)
@@ -480,27 +509,35 @@ class TeacherKLReward:
         if keep_ok:
             kwargs["logits_to_keep"] = 1
         prefix_out = model(**kwargs)
-        first_logits, cache = prefix_out.logits[:, -1], prefix_out.past_key_values
+        first_logits, prefix_cache = prefix_out.logits[:, -1], prefix_out.past_key_values
         del prefix_out
-        rows = [(j, i) for j, g in enumerate(groups) for i in g]
-        owner = torch.tensor([j for j, _ in rows], device=device)
-        cache.batch_select_indices(owner)
-        suffixes = [seqs[i][starts[i]:] for _, i in rows]
-        s_len = max(len(x) for x in suffixes)
-        s_ids, s_mask = self._padded(suffixes, s_len, left=False)
-        p_lens = p_mask.sum(-1)[owner.cpu()]
-        positions = p_lens[:, None] + torch.arange(s_len)[None, :]
-        kwargs = dict(input_ids=s_ids.to(device), attention_mask=torch.cat([p_mask[owner.cpu()], s_mask], 1).to(device),
-                      position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-        if keep_ok:
-            kwargs["logits_to_keep"] = s_len
-        logits = model(**kwargs).logits
-        del cache
-        for r, (j, i) in enumerate(rows):
-            n = len(suffixes[r])
-            scored = torch.cat([first_logits[j: j + 1], logits[r, : n - 1]])
-            out[i] = _target_logprobs(scored, suffixes[r], temperature)
-        del logits, first_logits
+        rows = sorted(((j, i) for j, g in enumerate(groups) for i in g), key=lambda r: starts[r[1]] - len(seqs[r[1]]))
+        lengths = [len(seqs[i]) - starts[i] for _, i in rows]
+        pieces = [bucket[c: c + self.batch_size] for bucket in length_buckets(lengths)
+                  for c in range(0, len(bucket), self.batch_size)]
+        for b, piece in enumerate(pieces):  # up to batch_size suffixes of similar lengths on a copy of the prefixes
+            sub = [rows[r] for r in piece]
+            owner = torch.tensor([j for j, _ in sub], device=device)
+            cache = prefix_cache if b == len(pieces) - 1 else copy.deepcopy(prefix_cache)
+            cache.batch_select_indices(owner)
+            suffixes = [seqs[i][starts[i]:] for _, i in sub]
+            s_len = max(len(x) for x in suffixes)
+            s_ids, s_mask = self._padded(suffixes, s_len, left=False)
+            p_lens = p_mask.sum(-1)[owner.cpu()]
+            positions = p_lens[:, None] + torch.arange(s_len)[None, :]
+            kwargs = dict(input_ids=s_ids.to(device),
+                          attention_mask=torch.cat([p_mask[owner.cpu()], s_mask], 1).to(device),
+                          position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+            if keep_ok:
+                kwargs["logits_to_keep"] = s_len
+            logits = model(**kwargs).logits
+            del cache
+            for r, (j, i) in enumerate(sub):
+                n = len(suffixes[r])
+                scored = torch.cat([first_logits[j: j + 1], logits[r, : n - 1]])
+                out[i] = _target_logprobs(scored, suffixes[r], temperature)
+            del logits
+        del first_logits, prefix_cache
 
     def _padded(self, rows: list[list[int]], length: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
