@@ -419,6 +419,16 @@ def test_logging_and_name(setup):
                  "kl_max", "log_prob_mean", "log_prob_min", "no_entropy_kl_mean", "unclosed", "blank"):
         assert f"teacher_kl/{name}" in logged, name
     assert logged["teacher_kl/kl_mean"] == pytest.approx(sum(reward.last_terms["kl_mean"][:4]) / 4)  # NaN skipped
+    terms = reward.last_terms  # the unprocessed statistics, as the reference logs them (identity normalisation here)
+    for prefix in ("log_prob_raw_", "kl_raw_", "no_entropy_kl_raw_"):
+        for stat in ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile"):
+            assert f"teacher_kl/{prefix}{stat}" in logged, prefix + stat
+    assert terms["kl_raw_mean"][:4] == pytest.approx(terms["kl_mean"][:4])
+    assert terms["kl_raw_max"][:4] == pytest.approx(terms["kl_max"][:4])
+    assert terms["log_prob_raw_min"][:4] == pytest.approx(terms["log_prob_min"][:4])
+    for i in range(4):
+        assert terms["kl_raw_min"][i] <= terms["kl_raw_first_quartile"][i] <= terms["kl_raw_median"][i] \
+            <= terms["kl_raw_last_quartile"][i] <= terms["kl_raw_max"][i]
     assert all(len(v) == 5 for v in reward.last_terms.values())
 
 

@@ -47,7 +47,10 @@ With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin
 are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the teacher forward is then skipped
 (``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``) but for one prefill per distinct
 prompt that scores the padding tokens (they are prompt tokens, which the generator does not score). Per-completion values of the last
-call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``.
+call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``: the
+terms, each configured reduction, and as the reference logs them the unprocessed statistics (every reduction, before
+normalisation and clipping) of the solution log-probs (``log_prob_raw_<r>``), the per-token KL (``kl_raw_<r>``) and
+its no-entropy twin ``-s_k`` (``no_entropy_kl_raw_<r>``).
 """
 
 from __future__ import annotations
@@ -710,17 +713,19 @@ class TeacherKLReward:
             lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs, p)
             blank = info[i]["blank"]
             kl_term = ne_term = 0.0
-            kl_raw_mean = teacher_mean = math.nan
+            teacher_mean = math.nan
+            raw_kl = raw_ne = torch.empty(0)  # the unprocessed per-token values, for the raw statistics
             kl_red = [math.nan] * len(self.reduction_kl_fn)
             ne_red = list(kl_red)
             if self.kl_active and not blank:
-                ne_red, ne_term = self._reduced(self._kl_values(-s_k), self.reduction_kl_fn, self.kl_coeffs, -p)
+                raw_ne = -s_k
+                ne_red, ne_term = self._reduced(self._kl_values(raw_ne), self.reduction_kl_fn, self.kl_coeffs, -p)
                 if self.needs_teacher_forward:
                     q_k = teacher_lp[i] if teacher_lp[i] is not None else torch.empty(0)
-                    d = q_k - s_k  # one value per explanation-span token (empty span: every reduction is filled)
-                    kl_red, kl_term = self._reduced(self._kl_values(d), self.reduction_kl_fn, self.kl_coeffs, -p)
-                    if d.numel():
-                        kl_raw_mean, teacher_mean = d.mean().item(), q_k.mean().item()
+                    raw_kl = q_k - s_k  # one value per explanation-span token (empty span: every reduction filled)
+                    kl_red, kl_term = self._reduced(self._kl_values(raw_kl), self.reduction_kl_fn, self.kl_coeffs, -p)
+                    if q_k.numel():
+                        teacher_mean = q_k.mean().item()
                 else:
                     kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
             match = (p if not info[i]["closed"] else 0.0) + (p if blank else 0.0)
@@ -739,8 +744,10 @@ class TeacherKLReward:
             put("blank", float(blank))
             put("explanation_tokens", info[i]["n_body"])
             put("solution_tokens", hi - lo)
-            put("log_prob_raw_mean", ell.mean().item() if ell.numel() else math.nan)
-            put("kl_raw_mean", kl_raw_mean)
+            for stat in REDUCTIONS:  # the reference's unprocessed statistics (before normalisation and clipping)
+                put(f"log_prob_raw_{stat}", reduce_values(ell, stat))
+                put(f"kl_raw_{stat}", reduce_values(raw_kl, stat))
+                put(f"no_entropy_kl_raw_{stat}", reduce_values(raw_ne, stat))
             put("teacher_think_log_prob_mean", teacher_mean)
             put("student_think_log_prob_mean", s_k.mean().item() if s_k.numel() and not blank else math.nan)
             for name, value in zip(self.reduction_log_prob_fn, lp_red, strict=True):
