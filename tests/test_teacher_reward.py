@@ -520,3 +520,27 @@ def test_length_buckets_by_hand():
     assert length_buckets(lengths) == [[0, 1, 2, 3, 4], [5, 6, 7]]
     assert length_buckets([]) == [] and length_buckets([7]) == [[0]]
     assert length_buckets([10, 10, 10], max_padding=1.0, slack=0) == [[0, 1, 2]]  # equal lengths never split
+
+
+def test_zero3_ranks_run_as_many_forwards(setup, monkeypatch):
+    """A ZeRO-3-partitioned model gathers its weights collectively in every forward: each rank's reward must run as
+    many forwards as the busiest rank's, or the run hangs. Simulated on one process: the parameters carry
+    DeepSpeed's ``ds_id`` tag and the all-reduce reports a rank with 2 forwards more; this rank then runs 2 one-token
+    forwards after its own, also when it has nothing to score with that model (every explanation blank)."""
+    tok, teacher, student, _ = setup
+    teacher = copy.deepcopy(teacher)
+    for param in teacher.parameters():
+        param.ds_id = 0
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.add_(2))
+    reward = make_reward(setup, teacher_model=teacher, batch_size=4)
+    counter = ForwardCounter(teacher, student)
+    try:
+        rewards = call(reward, setup, [b + CLOSE for b in BODIES])
+        assert counter.count == [2 + 2, 2]  # own: the prompt prefix, then one piece of the 4 suffixes; +2 dummies
+        call(reward, setup, ["<|end_of_explanation|><|im_end|>"] * 2)  # blank: no teacher row on this rank
+        assert counter.count[0] == 4 + 0 + 2
+    finally:
+        counter.remove()
+    assert rewards == pytest.approx(call(make_reward(setup, batch_size=4), setup, [b + CLOSE for b in BODIES]),
+                                    abs=1e-6)

@@ -206,6 +206,16 @@ def _unwrap(model):
     return model
 
 
+def is_partitioned(model) -> bool:
+    """Whether `model`'s parameters are ZeRO-3 partitions (DeepSpeed tags them with ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _vocab_rows(model) -> int:
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 partition's local shape is empty
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -361,7 +371,7 @@ class TeacherKLReward:
         stays where the trainer keeps it (`offload=False`)."""
         if student_model is None:
             return
-        vocab_rows = student_model.get_input_embeddings().weight.shape[0]
+        vocab_rows = _vocab_rows(student_model)
         if vocab_rows < len(self.tokenizer):
             raise ConfigError(f"the student's embedding has {vocab_rows} rows but the tokenizer has "
                               f"{len(self.tokenizer)} tokens: the student must share the teacher's tokenizer")
@@ -447,38 +457,69 @@ class TeacherKLReward:
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    @torch.no_grad()
-    def _token_logprobs(self, model, seqs: list[list[int]], starts: list[int], temperature: float,
-                        device: torch.device) -> list[torch.Tensor]:
-        """For each sequence, float32 CPU log-probs of ``seq[start:]`` under `model` at `temperature`.
+    def _plan(self, seqs: list[list[int]], starts: list[int]) -> list[tuple]:
+        """The micro-batches `_token_logprobs` runs, in order: ``("whole", indices)`` (one forward) or
+        ``("shared", groups, pieces)`` (one prefix forward, then one forward per piece of suffix rows).
 
         Sequences whose unscored prefixes ``seq[:start]`` are identical (the G completions of one prompt) are scored
         together: the prefix runs once, its KV cache is shared by the group's suffixes (`_shared_prefix_batch`).
         Micro-batches hold up to `batch_size` sequences; with `batch_size` 1, or when no prefix repeats, or when
         `share_prefixes` is off, every sequence is scored whole (`_whole_batch`: length-sorted, left-padded).
         """
-        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
         todo = [i for i in range(len(seqs)) if len(seqs[i]) > starts[i]]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in todo:
             groups.setdefault(tuple(seqs[i][:starts[i]]), []).append(i)
-        keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
         if self.share_prefixes and self.batch_size > 1 and len(groups) < len(todo) and all(starts[i] for i in todo):
             by_length = [sorted(g, key=lambda i: starts[i] - len(seqs[i])) for g in groups.values()]  # longest first
             by_length.sort(key=lambda g: len(seqs[g[0]]) - starts[g[0]], reverse=True)
-            batch: list[list[int]] = []
+            batches: list[list[list[int]]] = [[]]
             for group in by_length:  # whole groups per prefix forward, up to batch_size suffixes (or one group)
-                if batch and sum(map(len, batch)) + len(group) > self.batch_size:
-                    self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
-                    batch = []
-                batch.append(group)
-            if batch:
-                self._shared_prefix_batch(model, seqs, starts, batch, temperature, device, keep_ok, out)
-            return out
+                if batches[-1] and sum(map(len, batches[-1])) + len(group) > self.batch_size:
+                    batches.append([])
+                batches[-1].append(group)
+            return [("shared", groups_, self._suffix_pieces(seqs, starts, groups_)) for groups_ in batches if groups_]
         todo.sort(key=lambda i: len(seqs[i]), reverse=True)
-        for b in range(0, len(todo), self.batch_size):
-            self._whole_batch(model, seqs, starts, todo[b: b + self.batch_size], temperature, device, keep_ok, out)
+        return [("whole", todo[b: b + self.batch_size]) for b in range(0, len(todo), self.batch_size)]
+
+    def _suffix_pieces(self, seqs, starts, groups) -> list[list[tuple[int, int]]]:
+        """``(group, sequence)`` rows of `groups`, longest suffix first, in pieces of up to `batch_size` rows of
+        similar lengths (`length_buckets`)."""
+        rows = sorted(((j, i) for j, g in enumerate(groups) for i in g), key=lambda r: starts[r[1]] - len(seqs[r[1]]))
+        buckets = length_buckets([len(seqs[i]) - starts[i] for _, i in rows])
+        return [[rows[r] for r in bucket[c: c + self.batch_size]] for bucket in buckets
+                for c in range(0, len(bucket), self.batch_size)]
+
+    @torch.no_grad()
+    def _token_logprobs(self, model, seqs: list[list[int]], starts: list[int], temperature: float,
+                        device: torch.device) -> list[torch.Tensor]:
+        """For each sequence, float32 CPU log-probs of ``seq[start:]`` under `model` at `temperature`, in the
+        micro-batches of `_plan`. A ZeRO-3-partitioned model gathers its weights collectively in every forward, so
+        every rank must run as many forwards: the ranks agree on the largest count first, and a rank with fewer
+        (other completions, other prefix groups) runs one-token forwards to match."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        plan = self._plan(seqs, starts)
+        calls = sum(1 if step[0] == "whole" else 1 + len(step[2]) for step in plan)
+        extra = self._forwards_to_match(model, calls, device)
+        keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
+        for step in plan:
+            if step[0] == "whole":
+                self._whole_batch(model, seqs, starts, step[1], temperature, device, keep_ok, out)
+            else:
+                self._shared_prefix_batch(model, seqs, starts, step[1], step[2], temperature, device, keep_ok, out)
+        for _ in range(extra):
+            model(input_ids=torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device), use_cache=False)
         return out
+
+    @staticmethod
+    def _forwards_to_match(model, calls: int, device: torch.device) -> int:
+        """How many more forwards than `calls` the busiest rank runs, for a ZeRO-3-partitioned `model` in a
+        multi-process run (0 otherwise)."""
+        if not is_partitioned(model) or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 0
+        most = torch.tensor([calls], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return int(most.item()) - calls
 
     def _whole_batch(self, model, seqs, starts, idx, temperature, device, keep_ok, out) -> None:
         """One forward of whole sequences `idx`: left-padded, explicit position ids, logits only for the scored
@@ -497,7 +538,7 @@ class TeacherKLReward:
             out[i] = _target_logprobs(logits[r, kept - 1 - n_scored[r]: kept - 1], seqs[i][starts[i]:], temperature)
         del logits
 
-    def _shared_prefix_batch(self, model, seqs, starts, groups, temperature, device, keep_ok, out) -> None:
+    def _shared_prefix_batch(self, model, seqs, starts, groups, pieces, temperature, device, keep_ok, out) -> None:
         """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
         of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then the
         suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
@@ -514,12 +555,7 @@ class TeacherKLReward:
         prefix_out = model(**kwargs)
         first_logits, prefix_cache = prefix_out.logits[:, -1], prefix_out.past_key_values
         del prefix_out
-        rows = sorted(((j, i) for j, g in enumerate(groups) for i in g), key=lambda r: starts[r[1]] - len(seqs[r[1]]))
-        lengths = [len(seqs[i]) - starts[i] for _, i in rows]
-        pieces = [bucket[c: c + self.batch_size] for bucket in length_buckets(lengths)
-                  for c in range(0, len(bucket), self.batch_size)]
-        for b, piece in enumerate(pieces):  # up to batch_size suffixes of similar lengths on a copy of the prefixes
-            sub = [rows[r] for r in piece]
+        for b, sub in enumerate(pieces):  # up to batch_size suffixes of similar lengths on a copy of the prefixes
             owner = torch.tensor([j for j, _ in sub], device=device)
             cache = prefix_cache if b == len(pieces) - 1 else copy.deepcopy(prefix_cache)
             cache.batch_select_indices(owner)
@@ -692,7 +728,9 @@ class TeacherKLReward:
                 raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
                                   "set_teacher_model(trainer.model) before training (or set "
                                   "kl_penalty_reward_coeff to 0)")
-            scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device) if seqs else []
+            # a partitioned teacher runs on every rank, also with nothing to score here (see `_token_logprobs`)
+            run_teacher = seqs or (self.teacher_model is not None and is_partitioned(self.teacher_model))
+            scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device) if run_teacher else []
             for i, lp in zip(forward, scored, strict=False):
                 teacher_lp[i] = lp
             pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
