@@ -529,6 +529,7 @@ class RLTSection:
     offload_untrained_models: bool = True  # student and reference model on CPU except for their forwards (GPU)
     teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
     teacher_reuse_sampling_logprobs: bool = True  # vLLM's sampling log-probs at tau_T replace the teacher forward
+    use_reference_teacher_model: bool = False  # q_k from the reference model (initial / synced teacher), not the policy
     save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/
     logging_prob: float = 0.1  # sample student chats to teacher_chats/log.txt
     answer_log_prob_coeff: Any = field(default_factory=lambda: [1.0, 0.01])  # a: scalar or one per reduction
@@ -587,6 +588,9 @@ class RLTRunConfig(RunSection, ModelSection, DataSection, OptimSection, GRPOSect
             errors.append(f"data_format={self.data_format!r}: RLT trains on teacher prompts (data_format=teacher)")
         if self.early_stopping_patience is not None:
             errors.append("early_stopping_patience is not supported for RLT (there is no eval loss to watch)")
+        if self.use_reference_teacher_model and (self.beta == 0 or self.use_peft):
+            errors.append(f"use_reference_teacher_model=true needs TRL's reference model: beta > 0 (got {self.beta}) "
+                          f"and use_peft=false (got {str(self.use_peft).lower()})")
         return errors
 
 

@@ -57,6 +57,36 @@ def test_separate_student_with_a_new_pad_token(compose, tmp_path, tiny_model_pat
     assert summary["global_step"] == 1
 
 
+def test_reference_model_as_the_teacher(compose, tmp_path, monkeypatch):
+    """use_reference_teacher_model: the reward's q_k come from TRL's reference model (here also the student), the
+    generator's log-probs are not reused (they are the policy's)."""
+    from rlt.rewards.teacher import TeacherKLReward
+    from rlt.trainers import GRPOTrainer
+
+    seen = {}
+    setup = GRPOTrainer._setup_reference_offload
+    link = TeacherKLReward.set_teacher_model
+
+    def keep_trainer(self, enabled):
+        seen["trainer"] = self
+        setup(self, enabled)
+
+    def keep_teacher(self, model, **kwargs):
+        seen.update(teacher=model, reward=self, **kwargs)
+        link(self, model, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_setup_reference_offload", keep_trainer)
+    monkeypatch.setattr(TeacherKLReward, "set_teacher_model", keep_teacher)
+    summary = _rlt(compose, tmp_path, "use_reference_teacher_model=true", "max_steps=2")
+    assert summary["global_step"] == 2
+    trainer = seen["trainer"]
+    assert seen["teacher"] is trainer.ref_model and seen["teacher"] is not trainer.model
+    assert seen["offload"] == trainer.offloads_reference and not seen["reward"].reuse_sampling_logprobs
+    assert seen["reward"].student_model is trainer.ref_model  # student_model null: the reference is the student too
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "teacher_kl/kl_term" in r]
+    assert len(records) == 2 and all(r["teacher_kl/kl_term"] == r["teacher_kl/kl_term"] for r in records)  # not NaN
+
+
 def test_student_with_another_tokenizer_is_rejected(tiny_model_path):
     from rlt.models import load_tokenizer, resolve_model_path
 
@@ -76,6 +106,8 @@ def test_student_with_another_tokenizer_is_rejected(tiny_model_path):
     (["reduction_kl_fn=[mean,mode]"], r"reduction_kl_fn='mode' is not one of"),
     (["normalize_kl_fn=log"], r"normalize_kl_fn='log' is not one of"),
     (["logging_prob=2"], r"logging_prob=2.0 must be in \[0, 1\]"),
+    (["use_reference_teacher_model=true", "beta=0.0"],
+     r"use_reference_teacher_model=true needs TRL's reference model: beta > 0 \(got 0.0\)"),
     (["data_cfg=synthetic_arithmetic"], r"RLT trains on teacher prompts \(data_format=teacher\)"),
     (["teacher_format={style: chatml}"], r"teacher_format.style='chatml' is not one of"),
 ])

@@ -52,7 +52,8 @@ def train(run: RLTRunConfig) -> dict:
         run.reward_funcs, penalty=run.nonfinite_reward_penalty, student_model=student, tokenizer=tokenizer,
         teacher_format=run.teacher_format, temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
         offload_untrained_models=run.offload_untrained_models,
-        reuse_sampling_logprobs=run.teacher_reuse_sampling_logprobs)
+        # the generator's log-probs are the policy's: no stand-in for a reference-model teacher
+        reuse_sampling_logprobs=run.teacher_reuse_sampling_logprobs and not run.use_reference_teacher_model)
     teacher_rewards = [f.fn for f in reward_funcs if isinstance(f.fn, TeacherKLReward)]
     recorder = CompletionRecorder(out, tokenizer, get_teacher_format(run.teacher_format),
                                   run.save_completions_probability, run.logging_prob, seed=run.seed)
@@ -61,10 +62,15 @@ def train(run: RLTRunConfig) -> dict:
             f.fn = recorder.wrap(f.fn)
 
     def link(trainer):
-        """TRL does not pass models to reward functions: give the teacher reward the live policy (and the
-        reference model as the student when `student_model` is null)."""
+        """TRL does not pass models to reward functions: give the teacher reward the live policy, or the reference
+        model with `use_reference_teacher_model` (and the reference model as the student when `student_model` is
+        null)."""
         for r in teacher_rewards:
-            r.set_teacher_model(trainer.model)
+            if run.use_reference_teacher_model:  # scored on the training device, an offloaded reference moved there
+                r.set_teacher_model(trainer.ref_model, offload=trainer.offloads_reference)
+                r.device = trainer.accelerator.device
+            else:
+                r.set_teacher_model(trainer.model)
             if share_reference:
                 # an offloaded reference goes back to CPU after scoring, like a separate student
                 r.set_student_model(trainer.ref_model, offload=trainer.offloads_reference)

@@ -55,6 +55,7 @@ its no-entropy twin ``-s_k`` (``no_entropy_kl_raw_<r>``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -358,6 +359,7 @@ class TeacherKLReward:
         self.student_model = None
         self.set_student_model(student_model)
         self.teacher_model = teacher_model
+        self._offload_teacher = False
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self._special_ids = set(tokenizer.all_special_ids)
         self.last_terms: dict[str, list[float]] = {}
@@ -382,13 +384,29 @@ class TeacherKLReward:
         if self._offload_student:
             student_model.to("cpu")
 
-    def set_teacher_model(self, teacher_model) -> None:
-        """Link the model that scores the explanation (the RLT policy); TRL does not pass it to reward functions."""
+    def set_teacher_model(self, teacher_model, *, offload: bool = False) -> None:
+        """Link the model that scores the explanation (the RLT policy, or the reference model); TRL does not pass it
+        to reward functions. `offload`: the model waits on CPU between calls (an offloaded reference model) and is
+        moved to the scoring device for its forward."""
         self.teacher_model = teacher_model
+        self._offload_teacher = offload
 
     @property
     def needs_teacher_forward(self) -> bool:
         return self.kl_active and self.include_teacher_think_entropy
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _placed(model, device: torch.device, offload: bool):
+        """`model` on `device` for the block; back on CPU afterwards if it is `offload`ed."""
+        moved = _model_device(model) != device
+        if moved:
+            model.to(device)
+        try:
+            yield
+        finally:
+            if moved and offload:
+                model.to("cpu")
 
     def _scoring_device(self) -> torch.device:
         if self.device is not None:
@@ -698,14 +716,8 @@ class TeacherKLReward:
         if student is None:
             raise ConfigError("TeacherKLReward has no student model: pass student_model=... or call "
                               "set_student_model(...) before training")
-        moved = _model_device(student) != device
-        if moved:
-            student.to(device)
-        try:
+        with self._placed(student, device, self._offload_student):
             student_lp = self._run(student, s_seqs, s_starts, self.student_temperature, device)
-        finally:
-            if moved and self._offload_student:
-                student.to("cpu")
         # q_k: the generator's sampling log-probs where they stand in for the teacher forward, else the forward
         teacher_lp: list[torch.Tensor | None] = [None] * n
         reused = 0
@@ -730,7 +742,10 @@ class TeacherKLReward:
                                   "kl_penalty_reward_coeff to 0)")
             # a partitioned teacher runs on every rank, also with nothing to score here (see `_token_logprobs`)
             run_teacher = seqs or (self.teacher_model is not None and is_partitioned(self.teacher_model))
-            scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device) if run_teacher else []
+            scored = []
+            if run_teacher:
+                with self._placed(self.teacher_model, device, self._offload_teacher):
+                    scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device)
             for i, lp in zip(forward, scored, strict=False):
                 teacher_lp[i] = lp
             pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
