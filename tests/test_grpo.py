@@ -2,8 +2,8 @@
 geometry validation; over-long prompts dropped and counted."""
 
 import json
-import math
 import logging
+import math
 
 import pytest
 import torch
