@@ -17,6 +17,7 @@ training processes, and each prompt is sampled with its own seed (run seed, roun
 from __future__ import annotations
 
 import http.server
+import inspect
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from rlt import distributed
 from rlt.config import validate
 from rlt.errors import ConfigError
 from rlt.generation import vllm_server as vs
+from rlt.rewards.teacher import TeacherKLReward
 
 from .conftest import REPO
 
@@ -43,6 +45,20 @@ def digit_reward(completions, **kwargs):
     """A reward that varies on the random tiny model's output (GSM8K rewards are all 0 there): digit fraction."""
     texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+class RankSkewedTeacherReward(TeacherKLReward):
+    """The RLT teacher reward (teacher_rlt keys), scoring one sequence per forward on rank 1 and eight on rank 0: the
+    ranks run different numbers of forwards, as different completions (lengths, blank rows, prefix groups) make them
+    do in real runs."""
+
+    def __init__(self, **kwargs):
+        kwargs["batch_size"] = 1 if os.environ.get("RANK") == "1" else 8
+        super().__init__(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
+                         reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"],
+                         normalize_log_prob_fn=None, normalize_kl_fn=None, **kwargs)
+
+    __init__.__signature__ = inspect.signature(TeacherKLReward.__init__)  # the recipe passes what the parent takes
 
 
 # ---------------------------------------------------------------- config keys and the launch-time check
@@ -372,6 +388,22 @@ def test_deepspeed_zero_with_offload_two_processes(tmp_path, zero):
     assert (out / "checkpoint-2" / ".rlt_complete").exists()
     final = _weights(out / "final")
     assert final and all(t.numel() > 0 for t in final.values())  # ZeRO-3: a gathered model, not empty shards
+    assert not _nothing_left(logs)
+
+
+@pytest.mark.slow
+def test_rlt_reward_under_zero3_two_processes_with_different_forward_counts(tmp_path):
+    """teacher_rlt_tiny under ZeRO-3 on 2 CPU processes: the student (the shared reference) and the teacher (the
+    policy) are partitioned, and every forward gathers their weights collectively. Rank 1 scores one sequence per
+    forward, rank 0 eight; without the forward-count agreement DeepSpeed stopped with "Detected a disagreement on
+    list length between rank0 and rank1" (gloo; NCCL would hang)."""
+    pytest.importorskip("deepspeed")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    r = _launch(0, 2, "teacher_rlt_tiny", "max_steps=2", "save_steps=1", "report_to=[none]", f"output_dir={out}",
+                "reward_funcs=[{_target_:tests.test_distributed.RankSkewedTeacherReward}]", "--cpu", "--zero", "3",
+                log_dir=logs)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
     assert not _nothing_left(logs)
 
 
