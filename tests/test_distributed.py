@@ -396,7 +396,7 @@ def test_rlt_reward_under_zero3_two_processes_with_different_forward_counts(tmp_
     """teacher_rlt_tiny under ZeRO-3 on 2 CPU processes: the student (the shared reference) and the teacher (the
     policy) are partitioned, and every forward gathers their weights collectively. Rank 1 scores one sequence per
     forward, rank 0 eight; without the forward-count agreement DeepSpeed stopped with "Detected a disagreement on
-    list length between rank0 and rank1" (gloo; NCCL would hang)."""
+    list length between rank0 and rank1" (gloo; NCCL would hang). Then a longer run resumes from the checkpoint."""
     pytest.importorskip("deepspeed")
     out, logs = tmp_path / "out", tmp_path / "logs"
     r = _launch(0, 2, "teacher_rlt_tiny", "max_steps=2", "save_steps=1", "report_to=[none]", f"output_dir={out}",
@@ -405,6 +405,14 @@ def test_rlt_reward_under_zero3_two_processes_with_different_forward_counts(tmp_
     assert r.returncode == 0, r.stderr[-4000:]
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     assert not _nothing_left(logs)
+    # a longer run in the same dir resumes from the ZeRO-3 checkpoint and trains only the missing step
+    r = _launch(0, 2, "teacher_rlt_tiny", "max_steps=3", "save_steps=1", "report_to=[none]", f"output_dir={out}",
+                "reward_funcs=[{_target_:tests.test_distributed.RankSkewedTeacherReward}]", "--cpu", "--zero", "3",
+                log_dir=tmp_path / "logs2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    log = r.stdout + r.stderr
+    assert "resuming from" in log and "checkpoint-2" in log
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
 
 
 @pytest.mark.slow
