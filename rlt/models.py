@@ -370,12 +370,19 @@ def load_model(name_or_path: str, *, torch_dtype: str = "auto", attn_implementat
     return model
 
 
+def embedding_rows(model) -> int:
+    """Rows of `model`'s input embedding; of the whole matrix for a ZeRO-3 partition (whose local tensor is empty
+    and whose full shape DeepSpeed keeps in ``ds_shape``)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 @torch.no_grad()
 def match_vocabulary(model, like) -> bool:
     """Resize `model`'s token embeddings (and untied output head) to `like`'s row count and copy `like`'s extra rows
     (e.g. a pad token the tokenizer repair added), so both models embed every id the same way; True if resized.
     Under ZeRO-3 (partitioned, empty local weights) the rows are resized but not copied."""
-    rows, target = model.get_input_embeddings().weight.shape[0], like.get_input_embeddings().weight.shape[0]
+    rows, target = embedding_rows(model), embedding_rows(like)
     if rows >= target:
         return False
     model.resize_token_embeddings(target, mean_resizing=False)

@@ -328,3 +328,24 @@ def test_default_cache_dir(monkeypatch):
     assert models.cache_dir() == Path.home() / ".cache" / "rlt"
     monkeypatch.setenv("RLT_CACHE_DIR", os.path.join("~", "x"))
     assert models.cache_dir() == Path.home() / "x"
+
+
+def test_match_vocabulary_copies_new_rows_and_reads_a_zero3_partitions_full_shape(tiny_model_path):
+    """A policy grown by 64 rows (a new pad token, padded to a multiple of 64): a reference built from the path gets
+    the same 2112 rows and the policy's new rows. A ZeRO-3 partition of the same 2048-row embedding (empty local
+    tensor, full shape in ``ds_shape``) is not resized: read locally it would look like 0 rows."""
+    from rlt.models import embedding_rows, load_model, match_vocabulary
+
+    policy, reference = load_model(tiny_model_path, torch_dtype="float32"), load_model(tiny_model_path,
+                                                                                        torch_dtype="float32")
+    policy.resize_token_embeddings(2112, mean_resizing=False)
+    assert match_vocabulary(reference, policy)
+    ref_rows, pol_rows = reference.get_input_embeddings().weight, policy.get_input_embeddings().weight
+    assert ref_rows.shape == pol_rows.shape == (2112, pol_rows.shape[1])
+    assert torch.equal(ref_rows[2048:], pol_rows[2048:]) and not match_vocabulary(reference, policy)
+
+    partitioned = load_model(tiny_model_path, torch_dtype="float32")
+    weight = partitioned.get_input_embeddings().weight
+    weight.ds_shape, weight.data = weight.shape, torch.empty(0)
+    assert embedding_rows(partitioned) == 2048
+    assert not match_vocabulary(partitioned, load_model(tiny_model_path, torch_dtype="float32"))

@@ -68,6 +68,7 @@ import torch
 
 from rlt.data.teacher import TeacherFormat, get_teacher_format, student_chat_parts
 from rlt.errors import ConfigError
+from rlt.models import embedding_rows
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +211,6 @@ def _unwrap(model):
 def is_partitioned(model) -> bool:
     """Whether `model`'s parameters are ZeRO-3 partitions (DeepSpeed tags them with ``ds_id``)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def _vocab_rows(model) -> int:
-    weight = model.get_input_embeddings().weight
-    return int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 partition's local shape is empty
 
 
 def _model_device(model) -> torch.device:
@@ -373,7 +369,7 @@ class TeacherKLReward:
         stays where the trainer keeps it (`offload=False`)."""
         if student_model is None:
             return
-        vocab_rows = _vocab_rows(student_model)
+        vocab_rows = embedding_rows(student_model)
         if vocab_rows < len(self.tokenizer):
             raise ConfigError(f"the student's embedding has {vocab_rows} rows but the tokenizer has "
                               f"{len(self.tokenizer)} tokens: the student must share the teacher's tokenizer")
