@@ -83,6 +83,7 @@ def test_reference_model_as_the_teacher(compose, tmp_path, monkeypatch):
     assert seen["teacher"] is trainer.ref_model and seen["teacher"] is not trainer.model
     assert seen["offload"] == trainer.offloads_reference and not seen["reward"].reuse_sampling_logprobs
     assert seen["reward"].student_model is trainer.ref_model  # student_model null: the reference is the student too
+    assert seen["reward"].teacher_model is trainer.ref_model  # still so after training (nothing relinked it)
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "teacher_kl/kl_term" in r]
     assert len(records) == 2 and all(r["teacher_kl/kl_term"] == r["teacher_kl/kl_term"] for r in records)  # not NaN
 

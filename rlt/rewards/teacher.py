@@ -625,6 +625,39 @@ class TeacherKLReward:
         q_k = torch.tensor(values, dtype=torch.float32)
         return q_k if bool(torch.isfinite(q_k).all()) else None
 
+    def _teacher_logprobs(self, prompts, info, t_seqs, t_starts, sampling_logprobs, sampling_temperature,
+                          device) -> tuple[list[torch.Tensor | None], int]:
+        """``q_k`` per row (None for a blank or empty explanation) and how many rows took the generator's sampling
+        log-probs. A reused row still needs its padding tokens scored (prompt tokens the generator does not score):
+        one prefill per distinct prompt; every other row is scored whole by the teacher forward."""
+        n = len(prompts)
+        teacher_lp: list[torch.Tensor | None] = [None] * n
+        rows = [i for i in range(n) if info[i]["n_pad"] + info[i]["n_body"] > 0 and not info[i]["blank"]]
+        sampled = {i: self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i, info[i]["n_body"])
+                   for i in rows if info[i]["n_body"]}
+        sampled = {i: q for i, q in sampled.items() if q is not None}
+        forward = [i for i in rows if i not in sampled]
+        pad_only: dict[str, int] = {}
+        for i in sampled:
+            if info[i]["n_pad"]:
+                pad_only.setdefault(prompts[i], i)
+        seqs = [t_seqs[i] for i in forward] + [t_seqs[i][:t_starts[i] + info[i]["n_pad"]] for i in pad_only.values()]
+        starts = [t_starts[i] for i in forward] + [t_starts[i] for i in pad_only.values()]
+        if seqs and self.teacher_model is None:
+            raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
+                              "set_teacher_model(trainer.model) before training (or set kl_penalty_reward_coeff to 0)")
+        scored: list[torch.Tensor] = []
+        # a partitioned teacher runs on every rank, also with nothing to score here (see `_token_logprobs`)
+        if seqs or (self.teacher_model is not None and is_partitioned(self.teacher_model)):
+            with self._placed(self.teacher_model, device, self._offload_teacher):
+                scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device)
+        for i, lp in zip(forward, scored, strict=False):
+            teacher_lp[i] = lp
+        pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
+        for i, q_body in sampled.items():
+            teacher_lp[i] = torch.cat([pad_lp[prompts[i]], q_body]) if info[i]["n_pad"] else q_body
+        return teacher_lp, len(sampled)
+
     # ------------------------------------------------------------------------------------------------- scoring
 
     @staticmethod
@@ -714,39 +747,8 @@ class TeacherKLReward:
                               "set_student_model(...) before training")
         with self._placed(student, device, self._offload_student):
             student_lp = self._run(student, s_seqs, s_starts, self.student_temperature, device)
-        # q_k: the generator's sampling log-probs where they stand in for the teacher forward, else the forward
-        teacher_lp: list[torch.Tensor | None] = [None] * n
-        reused = 0
-        if self.needs_teacher_forward:
-            rows = [i for i in range(n) if info[i]["n_pad"] + info[i]["n_body"] > 0 and not info[i]["blank"]]
-            sampled = {i: self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i,
-                                                           info[i]["n_body"]) for i in rows if info[i]["n_body"]}
-            sampled = {i: q for i, q in sampled.items() if q is not None}
-            reused = len(sampled)
-            # whole sequences where the generator's log-probs cannot stand in; for the others only the padding
-            # tokens at the end of the prompt (one prefill per distinct prompt, the rest is the generator's)
-            forward = [i for i in rows if i not in sampled]
-            pad_only = {}
-            for i in sampled:
-                if info[i]["n_pad"]:
-                    pad_only.setdefault(prompts[i], i)
-            seqs = [t_seqs[i] for i in forward] + [t_seqs[i][:t_starts[i] + info[i]["n_pad"]] for i in pad_only.values()]
-            starts = [t_starts[i] for i in forward] + [t_starts[i] for i in pad_only.values()]
-            if seqs and self.teacher_model is None:
-                raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
-                                  "set_teacher_model(trainer.model) before training (or set "
-                                  "kl_penalty_reward_coeff to 0)")
-            # a partitioned teacher runs on every rank, also with nothing to score here (see `_token_logprobs`)
-            run_teacher = seqs or (self.teacher_model is not None and is_partitioned(self.teacher_model))
-            scored = []
-            if run_teacher:
-                with self._placed(self.teacher_model, device, self._offload_teacher):
-                    scored = self._run(self.teacher_model, seqs, starts, self.teacher_temperature, device)
-            for i, lp in zip(forward, scored, strict=False):
-                teacher_lp[i] = lp
-            pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
-            for i, q_body in sampled.items():
-                teacher_lp[i] = torch.cat([pad_lp[prompts[i]], q_body]) if info[i]["n_pad"] else q_body
+        teacher_lp, reused = ([None] * n, 0) if not self.needs_teacher_forward else self._teacher_logprobs(
+            prompts, info, t_seqs, t_starts, sampling_logprobs, sampling_temperature, device)
 
         # ---- terms
         terms: dict[str, list[float]] = {}
