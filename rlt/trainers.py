@@ -88,7 +88,7 @@ def plain_tempered_sampling(args) -> bool:
 
 @contextlib.contextmanager
 def _reference_like(policy):
-    """While TRL builds its reference model from the policy's path, give it the policy's vocabulary rows (saving 5).
+    """While TRL builds its reference model from the policy's path, give it the policy's vocabulary rows (item 5).
     A policy given by name is loaded by TRL like its reference: nothing to match."""
     if policy is None:
         yield
@@ -110,7 +110,7 @@ def _reference_like(policy):
 
 
 class GRPOTrainer(TRLGRPOTrainer):
-    """TRL's GRPOTrainer plus the two savings of the module docstring. `is_ratio_from_loss` tells whether saving 1
+    """TRL's GRPOTrainer plus the five additions of the module docstring. `is_ratio_from_loss` tells whether saving 1
     is active for this configuration."""
 
     def __init__(self, *args, offload_reference: bool = False, **kwargs):
