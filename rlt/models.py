@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -58,6 +59,44 @@ _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
 def known_model_names() -> list[str]:
     """The built-in `rlt:` model names."""
     return [f"rlt:{name}" for name in [*TINY_SPECS, SMOLLM2_NAME]]
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
+_RUN_CFG_DIR = Path(__file__).resolve().parents[1] / "cfgs" / "run_cfg"
+
+
+def missing_local_model(value: str) -> str | None:
+    """What is wrong with a model key's `value` that can only be a local directory (a path that is not a hub id
+    ``name`` / ``org/name``) when there is nothing there; None when it exists, is a built-in ``rlt:`` name, or could
+    be a hub id. A missing ``results/<run>/final`` of a shipped run config names the run that writes it.
+
+    >>> missing_local_model("Qwen/Qwen2.5-7B-Instruct") is None and missing_local_model("rlt:tiny") is None
+    True
+    >>> missing_local_model("/nonexistent/model")
+    'there is no directory /nonexistent/model'
+    """
+    if value.startswith("rlt:") or Path(value).expanduser().exists() or _HUB_ID.fullmatch(value):
+        return None
+    msg = f"there is no directory {value}"
+    parts = Path(value).parts
+    if len(parts) >= 2 and parts[-1] == "final" and (_RUN_CFG_DIR / f"{parts[-2]}.yaml").is_file():
+        msg += (f" (the final model of run {parts[-2]}: train it first, e.g. ./launch_mono.sh {parts[-2]}.yaml, "
+                "or point this key at a trained model)")
+    return msg
+
+
+def local_path_problems(run) -> list[str]:
+    """Model keys and `resume_from` of a validated run config that name local paths which do not exist: checked
+    before anything loads, so that a missing warm-up checkpoint is one line at startup, not a hub lookup error
+    after the engine imports."""
+    problems = []
+    for key in ("model_name_or_path", "tokenizer_name_or_path", "student_model"):
+        value = getattr(run, key, None)
+        if value and (msg := missing_local_model(str(value))):
+            problems.append(f"{key}={value}: {msg}")
+    if getattr(run, "resume_from", None) and not Path(run.resume_from).expanduser().is_dir():
+        problems.append(f"resume_from={run.resume_from}: there is no checkpoint directory there")
+    return problems
 
 
 def cache_dir() -> Path:

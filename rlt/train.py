@@ -53,6 +53,11 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         print(f"rlt: {run.output_dir} already finished {done['global_step']} of max_steps={run.max_steps} steps; "
               "nothing to do (raise max_steps to train on, or use a new run_name / output_dir)", flush=True)
         return done
+    from rlt.errors import ConfigError
+    from rlt.models import local_path_problems
+
+    if problems := local_path_problems(run):
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in problems))
     check_before_training(run)
     recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
     return recipe.train(run)

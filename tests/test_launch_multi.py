@@ -285,3 +285,13 @@ def test_a_server_failing_at_start_up_stops_everything_before_training(stand_ins
     assert "not enough memory for the KV cache" in stderr  # the end of its log
     assert "trainer" not in recorded(tmp_path)
     assert_nothing_left(tmp_path)
+
+
+def test_check_rejects_a_missing_warm_up_checkpoint_before_any_server_starts(tmp_path, monkeypatch):
+    """launch_multi.sh runs `rlt.distributed check` before it starts a server: a missing local model is one line."""
+    from rlt.distributed import check
+    from rlt.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # no results/teacher_sft/final here
+    with pytest.raises(ConfigError, match=r"model_name_or_path=results/teacher_sft/final: there is no directory"):
+        check(4, 4, "teacher_rlt", [])

@@ -127,6 +127,33 @@ def test_load_errors_are_clear(tmp_path):
         models.load_model(str(tmp_path))  # exists but is empty
 
 
+def test_missing_local_model_only_for_paths_that_cannot_be_hub_ids(tmp_path):
+    assert models.missing_local_model("Qwen/Qwen2.5-7B-Instruct") is None  # org/name: a hub id
+    assert models.missing_local_model("gpt2") is None and models.missing_local_model("rlt:tiny") is None
+    assert models.missing_local_model(str(tmp_path)) is None  # exists
+    assert models.missing_local_model(str(tmp_path / "gone")) == f"there is no directory {tmp_path / 'gone'}"
+    assert models.missing_local_model("./model") == "there is no directory ./model"
+    # a shipped run config's final model names the run that writes it
+    msg = models.missing_local_model("results/teacher_sft/final")
+    assert "the final model of run teacher_sft" in msg and "./launch_mono.sh teacher_sft.yaml" in msg
+    assert "final model of run" not in models.missing_local_model("results/no_such_run/final")
+
+
+def test_startup_rejects_a_missing_warm_up_checkpoint_before_loading(compose, tmp_path, monkeypatch):
+    """The RLT runs start from results/teacher_sft/final: without it, one config line at startup (the loader
+    would look it up on the hub after the engine import); resume_from likewise."""
+    from rlt.errors import ConfigError
+    from rlt.train import run_training
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model_name_or_path=results/teacher_sft/final: there is no directory"):
+        run_training(compose(["run_cfg=teacher_rlt_tiny", "model_name_or_path=results/teacher_sft/final",
+                              f"output_dir={tmp_path / 'out'}"]))
+    with pytest.raises(ConfigError, match=r"resume_from=.*gone: there is no checkpoint directory"):
+        run_training(compose(["run_cfg=tiny_sft", f"resume_from={tmp_path / 'gone'}", f"output_dir={tmp_path / 'o'}"]))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 def test_tiny_tokenizer_same_ids_with_auto_and_fast(tiny_path):
