@@ -18,7 +18,8 @@ import torch
 
 from rlt.data.teacher import TeacherFormat, student_chat, teacher_rl_prompt
 from rlt.errors import ConfigError
-from rlt.rewards.teacher import TeacherKLReward, length_buckets, reduce_values
+from rlt.rewards.teacher import TeacherKLReward
+from rlt.rewards.teacher_math import length_buckets, reduce_values, schulman_k3, target_logprobs
 
 FMT = TeacherFormat(teacher_system_prompt="Explain the solution.", student_system_prompt="Think, then answer.")
 QUESTION, SOLUTION = "What is 2 plus 3?", "5"
@@ -520,6 +521,26 @@ def test_length_buckets_by_hand():
     assert length_buckets(lengths) == [[0, 1, 2, 3, 4], [5, 6, 7]]
     assert length_buckets([]) == [] and length_buckets([7]) == [[0]]
     assert length_buckets([10, 10, 10], max_padding=1.0, slack=0) == [[0, 1, 2]]  # equal lengths never split
+
+
+def test_k3_and_tempered_target_logprobs_by_hand():
+    """k3(d) = d + e^-d - 1: 0 at d = 0, ln2 - 1/2 at ln2, 1 - ln2 at -ln2; log_softmax((0, ln3) / T)[1]:
+    ln(3/4) at T = 1, ln(9/10) at T = 0.5 (logits (0, 2 ln3) -> weights 1 : 9), row t scoring targets[t]."""
+    d = torch.tensor([0.0, math.log(2.0), -math.log(2.0)])
+    assert schulman_k3(d).tolist() == pytest.approx([0.0, math.log(2.0) - 0.5, 1.0 - math.log(2.0)], abs=1e-7)
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    assert target_logprobs(logits, [1, 1], 1.0).tolist() == pytest.approx([math.log(0.75), math.log(0.25)])
+    assert target_logprobs(logits[:1], [1], 0.5).tolist() == pytest.approx([math.log(0.9)])
+
+
+def test_docstring_examples_of_the_pure_functions_hold():
+    """The worked examples in the docstrings of the pure helpers are executed (they are the hand-worked values)."""
+    import doctest
+    import importlib
+
+    for name in ("rlt.rewards.teacher_math", "rlt.config", "rlt.models"):
+        result = doctest.testmod(importlib.import_module(name))
+        assert result.failed == 0 and result.attempted > 0, (name, result)
 
 
 def test_zero3_ranks_run_as_many_forwards(setup, monkeypatch):

@@ -23,8 +23,8 @@ For each teacher completion (the explanation the teacher wrote after ``explanati
 4. ``d_k = q_k - s_k`` (with ``use_schulman_kl_estimation``: ``d_k + exp(-d_k) - 1``); the no-entropy twin uses
    ``-s_k`` in place of ``d_k`` (the same estimator transform applied with ``q_k = 0``). Per token: normalise
    (``none``/``exp``/``exp_norm`` = 1 - e^-x), then clip (log-probs below at ``-clip_log_prob``, KL values above at
-   ``clip_kl``), then reduce (mean, sum, min, max, median, first_quartile, last_quartile; median and quartiles are
-   linear-interpolation quantiles). A list coefficient is paired elementwise with the list of reductions, a scalar
+   ``clip_kl``), then reduce (mean, sum, min, max, median, first_quartile, last_quartile; median is the lower
+   median, as the reference's ``nanmedian``; the quartiles are linear-interpolation quantiles). A list coefficient is paired elementwise with the list of reductions, a scalar
    multiplies each of them; the weighted reductions are summed.
 
 Final reward::
@@ -69,87 +69,17 @@ import torch
 from rlt.data.teacher import TeacherFormat, get_teacher_format, student_chat_parts
 from rlt.errors import ConfigError
 from rlt.models import embedding_rows
+from rlt.rewards.teacher_math import (
+    NORMALIZATIONS,
+    REDUCTIONS,
+    length_buckets,
+    normalize_values,
+    reduce_values,
+    schulman_k3,
+    target_logprobs,
+)
 
 logger = logging.getLogger(__name__)
-
-REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
-NORMALIZATIONS = ("none", "exp", "exp_norm")
-_QUANTILES = {"first_quartile": 0.25, "last_quartile": 0.75}
-_LOGSOFTMAX_CHUNK = 512  # positions per float32 log_softmax chunk (bounds the float32 copy of the logits)
-
-
-# ------------------------------------------------------------------------------------------------------ pure math
-
-
-def reduce_values(values: torch.Tensor, name: str) -> float:
-    """One reduction of a 1-D float tensor; NaN for an empty tensor. ``median`` is the lower median (the middle
-    value; of an even count the smaller of the two middle values, as ``torch.median`` and the reference);
-    ``first_quartile``/``last_quartile`` are linear-interpolation quantiles (``torch.quantile``).
-
-    >>> x = torch.tensor([4.0, 1.0, 3.0, 2.0])
-    >>> [reduce_values(x, n) for n in ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")]
-    [2.5, 10.0, 1.0, 4.0, 2.0, 1.75, 3.25]
-
-    (sorted 1, 2, 3, 4: lower median 2; q25 at rank 0.25·3 = 0.75 -> 1 + 0.75·(2 - 1); q75 at rank 2.25 -> 3.25)
-    """
-    if values.numel() == 0:
-        return math.nan
-    values = values.float()
-    if name == "mean":
-        return values.mean().item()
-    if name == "sum":
-        return values.sum().item()
-    if name == "min":
-        return values.min().item()
-    if name == "max":
-        return values.max().item()
-    if name == "median":
-        return values.median().item()
-    if name in _QUANTILES:
-        return torch.quantile(values, _QUANTILES[name]).item()
-    raise ConfigError(f"unknown reduction {name!r}; expected one of {list(REDUCTIONS)}")
-
-
-def length_buckets(lengths: Sequence[int], max_padding: float = 1.25, slack: int = 256) -> list[list[int]]:
-    """Split positions ``0..n-1`` of `lengths` (sorted longest first) into consecutive buckets, each padded to its
-    first (longest) length. The next length joins the current bucket while the padded size stays within
-    `max_padding` x the real token count, or wastes at most `slack` padded tokens (a forward more costs more than a
-    little padding).
-
-    >>> length_buckets([128, 112, 96, 64, 48, 32, 24, 16], slack=64)
-    [[0, 1, 2], [3, 4, 5], [6, 7]]
-
-    (128+112: 256 padded for 240 real, ok; +96: 384 vs 336 (x1.14) ok; +64: 512 vs 400, x1.28 and 112 wasted: new
-    bucket; 64+48: 128 vs 112 ok; +32: 192 vs 144, x1.33 but 48 wasted <= 64: ok; +24: 256 vs 168, x1.52 and 88
-    wasted: new bucket; 24+16: 48 vs 40 ok.)
-    """
-    buckets: list[list[int]] = []
-    real = 0
-    for k, n in enumerate(lengths):
-        padded = (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] if buckets else 0
-        if buckets and (padded <= max_padding * (real + n) or padded - real - n <= slack):
-            buckets[-1].append(k)
-            real += n
-        else:
-            buckets.append([k])
-            real = n
-    return buckets
-
-
-def normalize_values(values: torch.Tensor, name: str | None) -> torch.Tensor:
-    """``none`` (identity), ``exp`` (e^x) or ``exp_norm`` (1 - e^-x)."""
-    if name is None or name == "none":
-        return values
-    if name == "exp":
-        return values.exp()
-    if name == "exp_norm":
-        return 1.0 - torch.exp(-values)
-    raise ConfigError(f"unknown normalisation {name!r}; expected one of {list(NORMALIZATIONS)} or null")
-
-
-def schulman_k3(d: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator from a k1 sample ``d = log q - log s``: ``d + e^-d - 1`` (>= 0)."""
-    return d + torch.exp(-d) - 1.0
 
 
 def _as_names(value: Any, what: str, allowed: Sequence[str]) -> list[str]:
@@ -218,19 +148,6 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _target_logprobs(logits: torch.Tensor, targets: Sequence[int], temperature: float) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[t, targets[t]]`` in float32 on CPU; logits (T, V) row t predicts
-    targets[t]. Chunked so the float32 copy of the logits stays bounded."""
-    targets_t = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
-    parts = []
-    for c in range(0, len(targets_t), _LOGSOFTMAX_CHUNK):
-        x = logits[c: c + _LOGSOFTMAX_CHUNK].float()
-        if temperature != 1.0:
-            x = x / temperature
-        parts.append(x.gather(-1, targets_t[c: c + _LOGSOFTMAX_CHUNK, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))
-    return torch.cat(parts).cpu()
 
 
 # --------------------------------------------------------------------------------------------------- the reward
@@ -549,7 +466,7 @@ class TeacherKLReward:
         logits = model(**kwargs).logits
         kept = logits.shape[1]
         for r, i in enumerate(idx):
-            out[i] = _target_logprobs(logits[r, kept - 1 - n_scored[r]: kept - 1], seqs[i][starts[i]:], temperature)
+            out[i] = target_logprobs(logits[r, kept - 1 - n_scored[r]: kept - 1], seqs[i][starts[i]:], temperature)
         del logits
 
     def _shared_prefix_batch(self, model, seqs, starts, groups, pieces, temperature, device, keep_ok, out) -> None:
@@ -588,7 +505,7 @@ class TeacherKLReward:
             for r, (j, i) in enumerate(sub):
                 n = len(suffixes[r])
                 scored = torch.cat([first_logits[j: j + 1], logits[r, : n - 1]])
-                out[i] = _target_logprobs(scored, suffixes[r], temperature)
+                out[i] = target_logprobs(scored, suffixes[r], temperature)
             del logits
         del first_logits, prefix_cache
 
