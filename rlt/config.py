@@ -528,6 +528,7 @@ class RLTSection:
     student_model: str | None = None  # null = the reference model (the initial teacher), as in the reference
     offload_untrained_models: bool = True  # student and reference model on CPU except for their forwards (GPU)
     teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
+    teacher_reward_tokens_per_forward: int = 8192  # at most rows × positions per scoring forward (then chunks)
     teacher_reuse_sampling_logprobs: bool = True  # vLLM's sampling log-probs at tau_T replace the teacher forward
     use_reference_teacher_model: bool = False  # q_k from the reference model (initial / synced teacher), not the policy
     save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/
@@ -549,6 +550,7 @@ class RLTSection:
     def problems(self) -> list[str]:
         errors: list[str] = []
         _positive(errors, "teacher_reward_batch_size", self.teacher_reward_batch_size)
+        _positive(errors, "teacher_reward_tokens_per_forward", self.teacher_reward_tokens_per_forward)
         for k in ("save_completions_probability", "logging_prob"):
             if not 0 <= getattr(self, k) <= 1:
                 errors.append(f"{k}={getattr(self, k)} must be in [0, 1]")

@@ -244,7 +244,8 @@ def plan_from_config(run, args, *, policy: M.ModelArch, student: M.ModelArch | N
             vllm_gpu_memory_utilization=get("vllm_gpu_memory_utilization", 0.3),
             vllm_sleep=get("vllm_enable_sleep_mode", False), generation_round=round_size,
             generation_aggregation_steps=agg, vllm_gpus=args.vllm_gpus, logits_mode="fused",
-            vllm_kv_cache_bytes=get("vllm_kv_cache_memory_bytes"))
+            vllm_kv_cache_bytes=get("vllm_kv_cache_memory_bytes"), reward_batch=get("teacher_reward_batch_size", 8),
+            reward_tokens_per_forward=get("teacher_reward_tokens_per_forward", 8192))
         notes.append("log-probs through TRL's chunked LM-head kernel (the GRPO recipe uses TRL's GRPOTrainer)")
         if algorithm == "rlt" and student is None and peft:
             notes.append("rlt with LoRA and no student_model: the policy with its adapter disabled is the student")

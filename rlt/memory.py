@@ -413,6 +413,28 @@ def fused_logits_bytes(tokens: int, arch: ModelArch, *, lm_head_trainable: bool)
     return tile + tokens * arch.hidden_size * 4 + head
 
 
+def teacher_reward_scoring_bytes(arch: ModelArch, batch: int, tokens: int, dtype_bytes: int,
+                                 tokens_per_forward: int = 8192) -> int:
+    """The buffers of the RLT teacher reward's no-grad scoring (`rlt.rewards.TeacherKLReward`) in a `dtype_bytes`
+    model: `batch` sequences (``teacher_reward_batch_size``) of up to `tokens` tokens, at most
+    `tokens_per_forward` positions per forward (``teacher_reward_tokens_per_forward``; longer batches run in
+    chunks on the KV cache). With ``n = min(batch·tokens, tokens_per_forward)``: the logits of one forward
+    (n·V·a), two fp32 log-softmax chunks of 512 positions (2·512·V·4), one layer's MLP input/gate/up tensors
+    (n·(h + 2i)·a), and the KV cache of the batch: the shared prefix, its per-piece copy and the suffixes,
+    at most 2·batch·tokens·kv.
+    Example, Qwen2.5-7B, batch 2, 12,288 tokens, bf16, 8192 per forward: 2.49 + 0.62 + 0.68 + 2.82 = 6.61 GB.
+    """
+    n = min(batch * tokens, tokens_per_forward)
+    logits = n * arch.vocab_size * dtype_bytes
+    chunks = 2 * _LOGSOFTMAX_CHUNK * arch.vocab_size * 4
+    layer = n * (arch.hidden_size + 2 * arch.intermediate_size) * dtype_bytes
+    kv = 2 * batch * tokens * kv_bytes_per_token(arch, dtype_bytes)
+    return logits + chunks + layer + kv
+
+
+_LOGSOFTMAX_CHUNK = 512  # rlt.rewards.teacher_math: positions per fp32 log-softmax chunk
+
+
 # ----------------------------------------------------------------------------------------------- vLLM
 
 def kv_bytes_per_token(arch: ModelArch, dtype_bytes: int = 2) -> int:
@@ -502,6 +524,8 @@ class MemoryPlan:
     vllm_sleep: bool = False
     vllm_kv_dtype_bytes: int = 2
     vllm_kv_cache_bytes: int | None = None  # fixed KV cache (vLLM kv_cache_memory_bytes): no utilization sizing
+    reward_batch: int = 8  # RLT: teacher_reward_batch_size, completions per scoring forward of the reward
+    reward_tokens_per_forward: int = 8192  # RLT: teacher_reward_tokens_per_forward
     num_generations: int = 8
     prompt_len: int = 512
     completion_len: int = 512
@@ -621,10 +645,11 @@ def _act_bytes(plan: MemoryPlan) -> int:
     return DTYPE_BYTES[plan.weight_dtype]
 
 
-def _frozen_weights(arch: ModelArch, plan: MemoryPlan) -> int:
-    """A frozen reference / student copy: 16-bit (fp32 if the policy loads in fp32), sharded under ZeRO-3."""
+def _frozen_weights(arch: ModelArch, plan: MemoryPlan, *, student: bool = False) -> int:
+    """A frozen reference / student copy: 16-bit (fp32 if the policy loads in fp32). TRL's reference model is
+    sharded under ZeRO-3 (a DeepSpeed engine); a separately loaded student is a plain model, whole on every GPU."""
     dtype = "float32" if DTYPE_BYTES[plan.weight_dtype] == 4 and not plan.uses_deepspeed else "bfloat16"
-    shards = plan.num_gpus if plan.effective_zero_stage == 3 else 1
+    shards = plan.num_gpus if plan.effective_zero_stage == 3 and not student else 1
     return weight_bytes(param_count(arch), dtype) // shards
 
 
@@ -746,7 +771,7 @@ def estimate(plan: MemoryPlan) -> Estimate:
         why = "LoRA: the policy with the adapter disabled" if plan.use_peft else "beta=0: no KL term"
         extra.append(Component("reference model", 0, f"none ({why})"))
     if plan.student is not None:
-        st_w = _frozen_weights(plan.student, plan)
+        st_w = _frozen_weights(plan.student, plan, student=True)
         extra.append(Component("student model", 0 if plan.student_offload else st_w,
                                "offloaded to CPU" if plan.student_offload else f"{_fmt(st_w)} frozen on GPU"))
         host += st_w if plan.student_offload else 0
@@ -787,23 +812,48 @@ def estimate(plan: MemoryPlan) -> Estimate:
             gen_acts = [Component("activations", kv, "HF generate KV cache of one round"), no_acts[1]]
         phases["generation"] = [weights, zero_grads, master, optim, *gen_acts, *extra, *vllm_comp, sync, overhead]
         if plan.reference_model or plan.student is not None or plan.algorithm == "rlt":
-            tokens = plan.micro_batch * (plan.logits_tokens or plan.seq_len)
-            vocab = (plan.student or arch).vocab_size
-            if plan.logits_mode == "fused":  # forward-only tiles of TRL's chunked kernel
-                score = min(tokens, TRL_TOKEN_CHUNK) * min(vocab, TRL_VOCAB_CHUNK) * 4
-            else:
-                score = logits_bytes(tokens, vocab, 2 if _act_bytes(plan) == 2 else 4, backward=False)
-            offloaded = [m for m, off in ((arch, plan.reference_model and plan.reference_offload),
-                                          (plan.student, plan.student is not None and plan.student_offload)) if off]
-            stream = sum(2 * largest_layer_params(m) * 2 for m in offloaded)
-            phases["scoring"] = [weights, zero_grads, master, optim,
-                                 Component("activations", stream, "streaming buffers (2 × largest layer) of the "
-                                           "offloaded frozen models" if stream else "no-grad forward"),
-                                 Component("logits / log-softmax", score, f"no-grad scoring of {tokens:,} tokens"),
-                                 *extra, *asleep, overhead]
+            phases["scoring"] = [weights, zero_grads, master, optim, *_scoring(plan, extra), *asleep, overhead]
     peak = max(phases, key=lambda name: sum(c.bytes for c in phases[name]))
     return Estimate(plan=plan, phases=phases, peak_phase=peak, checks=checks, params=params, trainable=trainable,
                     host_bytes=host, vllm=vllm_info, server=server)
+
+
+def _scoring(plan: MemoryPlan, extra: list[Component]) -> list[Component]:
+    """The frozen models and buffers of the largest no-grad scoring forward of a step. They run one after another:
+    TRL's reference log-probs (chunked kernel tiles) and, for RLT, the teacher reward's forwards (student, and the
+    policy as teacher). An offloaded reference / student is moved whole onto the GPU for its forward
+    (`rlt.trainers.GRPOTrainer.reference_on_device`, `TeacherKLReward._placed`) and back to CPU afterwards."""
+    arch = plan.policy
+    a = 4 if DTYPE_BYTES[plan.weight_dtype] == 4 else 2
+    forwards: list[tuple[str | None, int, str]] = []  # (model moved onto the GPU, buffer bytes, note)
+    if plan.reference_model:
+        tokens = plan.micro_batch * (plan.logits_tokens or plan.seq_len)
+        if plan.logits_mode == "fused":
+            tile = min(tokens, TRL_TOKEN_CHUNK) * min(arch.vocab_size, TRL_VOCAB_CHUNK) * 4
+        else:
+            tile = logits_bytes(tokens, arch.vocab_size, a, backward=False)
+        forwards.append(("reference model" if plan.reference_offload else None, tile,
+                         f"reference log-probs of {tokens:,} tokens"))
+    if plan.algorithm == "rlt":
+        batch = plan.reward_batch
+        student = plan.student or arch
+        moved = ("student model" if plan.student_offload else None) if plan.student is not None else \
+            ("reference model" if plan.reference_model and plan.reference_offload else None)
+        forwards.append((moved, teacher_reward_scoring_bytes(student, batch, plan.seq_len, a,
+                                                             plan.reward_tokens_per_forward),
+                         f"teacher reward: {batch} × {plan.seq_len:,}-token student forward"))
+    by_name = {c.name: c for c in extra}
+
+    def weights_of(name: str | None) -> int:
+        if name == "student model":
+            return _frozen_weights(plan.student, plan, student=True)
+        return _frozen_weights(arch, plan) if name else 0
+
+    moved, buffers, note = max(forwards, key=lambda f: f[1] + weights_of(f[0]))
+    frozen = [dataclasses.replace(c, bytes=weights_of(moved), note="moved to the GPU for its scoring forward")
+              if c.name == moved else c for c in by_name.values()]
+    return [Component("activations", 0, "no-grad forward (counted with its buffers)"),
+            Component("logits / log-softmax", buffers, note), *frozen]
 
 
 def _vllm(plan: MemoryPlan, utilization: float, gpu_memory: int) -> tuple[list[Component], dict[str, int], list[Check]]:
@@ -934,11 +984,18 @@ def candidate_changes(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
         out.append(("--zero 3", rep(plan, zero_stage=3)))
     if plan.is_rl:
         if plan.reference_model:
-            if not plan.reference_offload or (plan.student is not None and not plan.student_offload):
-                out.append(("offload_untrained_models=true", rep(plan, reference_offload=True, student_offload=True)))
+            ref_offloadable = not plan.uses_deepspeed  # under DeepSpeed the reference stays a (sharded) engine
+            if (ref_offloadable and not plan.reference_offload) or (plan.student is not None and not plan.student_offload):
+                out.append(("offload_untrained_models=true",
+                            rep(plan, reference_offload=plan.reference_offload or ref_offloadable, student_offload=True)))
             out.append(("beta=0", rep(plan, reference_model=False)))
         elif plan.student is not None and not plan.student_offload:
             out.append(("offload_untrained_models=true", rep(plan, student_offload=True)))
+        if plan.algorithm == "rlt" and plan.reward_batch > 1:  # the largest smaller scoring batch that fits
+            smaller = [b for b in (plan.reward_batch // 2 ** k for k in range(1, 8)) if b >= 1]
+            fits = [b for b in dict.fromkeys(smaller) if estimate(rep(plan, reward_batch=b)).passed]
+            b = fits[0] if fits else 1
+            out.append((f"teacher_reward_batch_size={b}", rep(plan, reward_batch=b)))
         if plan.vllm_mode == "colocate":
             if not plan.vllm_sleep:
                 out.append(("vllm_enable_sleep_mode=true", rep(plan, vllm_sleep=True)))

@@ -274,6 +274,45 @@ def test_reference_model_only_without_lora_and_with_beta():
     assert no_ref["reference model"].bytes == 0
 
 
+def test_teacher_reward_scoring_bytes_hand_worked():
+    """Qwen2.5-7B, 2 rows × 12,288 tokens, bf16, 8192 positions per forward: n = min(24,576, 8192) = 8192;
+    logits 8192·152,064·2 = 2,491,416,576; fp32 chunks 2·512·152,064·4 = 622,854,144; one layer's MLP tensors
+    8192·(3584 + 2·18,944)·2 = 679,477,248; KV 2·2·12,288·57,344 = 2,818,572,288 (sum 6.61 GB). Without the
+    chunking (a forward of all 24,576 positions) the logits alone would be 7.47 GB."""
+    assert M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2) == 2_491_416_576 + 622_854_144 + 679_477_248 + 2_818_572_288
+    assert M.teacher_reward_scoring_bytes(Q7, 1, 100, 2) == (100 * 152_064 * 2 + 622_854_144 + 100 * 41_472 * 2
+                                                            + 2 * 100 * 57_344)
+    assert M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2, tokens_per_forward=24576) - \
+        M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2) == (24576 - 8192) * (152_064 + 41_472) * 2
+
+
+def test_scoring_phase_counts_the_frozen_model_moved_onto_the_gpu_and_the_reward_buffers():
+    """An offloaded student is moved whole onto the GPU for the reward's forward (not streamed layer by layer);
+    the reward's buffers follow teacher_reward_batch_size; a separate student is not sharded by ZeRO-3."""
+    plan = spec6_plan(generation_aggregation_steps=32, generation_round=96, reward_batch=2)
+    scoring = {c.name: c for c in M.estimate(plan).phases["scoring"]}
+    assert scoring["student model"].bytes == M.param_count(Q7) * 2
+    assert scoring["logits / log-softmax"].bytes == M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2)
+    assert scoring["reference model"].bytes == 0  # offloaded, and not on the GPU while the student scores
+    bigger = {c.name: c.bytes for c in M.estimate(dataclasses.replace(plan, reward_batch=8)).phases["scoring"]}
+    assert bigger["logits / log-softmax"] - scoring["logits / log-softmax"].bytes == 2 * 6 * 12288 * 57_344  # KV
+    zero3 = dataclasses.replace(plan, num_gpus=4, zero_stage=3, reference_offload=False, vllm_mode="server",
+                                vllm_gpus=4, student_offload=False)
+    comps = {c.name: c.bytes for c in M.estimate(zero3).phases["scoring"]}
+    assert comps["student model"] == M.param_count(Q7) * 2  # whole on every GPU
+    assert comps["reference model"] == M.param_count(Q7) * 2 // 4  # TRL's engine: sharded
+
+
+def test_rlt_suggests_the_largest_scoring_batch_that_fits():
+    plan = spec6_plan(generation_aggregation_steps=32, generation_round=96, reward_batch=64, vllm_sleep=True)
+    sugg = {s.override: s for s in M.suggestions(plan)}
+    fits = [o for o in sugg if o.startswith("teacher_reward_batch_size=")]
+    assert len(fits) == 1
+    b = int(fits[0].split("=")[1])
+    assert M.estimate(dataclasses.replace(plan, reward_batch=b)).passed
+    assert b == 1 or not M.estimate(dataclasses.replace(plan, reward_batch=2 * b)).passed
+
+
 def test_vllm_sleep_mode_releases_the_reservation_outside_generation():
     plan = spec6_plan(generation_aggregation_steps=32, generation_round=96)
     awake = M.estimate(dataclasses.replace(plan, vllm_sleep=False))

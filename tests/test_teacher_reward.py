@@ -344,11 +344,45 @@ def test_shared_prefixes_equal_whole_sequences(setup):
     finally:
         counter.remove()
     assert counter.count == [2, 2]  # both prompt groups in one micro-batch: the prefixes, then all suffixes
-    for kw in (dict(batch_size=3), dict(batch_size=5), dict(batch_size=16), dict(batch_size=16, share_prefixes=False)):
+    chunked = ForwardCounter(teacher, student)
+    try:  # at most 7 positions per forward: the 2-row prefix 3 at a time, suffix pieces of 4+ rows 1 at a time
+        score(batch_size=16, tokens_per_forward=7)
+    finally:
+        chunked.remove()
+    assert chunked.count[0] > 2 and chunked.count[1] > 2
+    for kw in (dict(batch_size=3), dict(batch_size=5), dict(batch_size=16), dict(batch_size=16, share_prefixes=False),
+               # bounded forwards: prefixes, suffix pieces, whole sequences in position chunks on the KV cache
+               dict(batch_size=5, tokens_per_forward=7), dict(batch_size=2, tokens_per_forward=9),
+               dict(batch_size=4, share_prefixes=False, tokens_per_forward=10),
+               dict(batch_size=1, tokens_per_forward=3)):
         shared, terms = score(**kw)
         assert shared == pytest.approx(whole, abs=1e-5), kw
         for key in ("log_prob_term", "kl_term", "teacher_think_log_prob_mean", "student_think_log_prob_mean"):
             assert terms[key] == pytest.approx(whole_terms[key], abs=1e-5, nan_ok=True), (kw, key)
+
+
+def test_tokens_per_forward_bounds_every_scoring_forward(setup):
+    """With tokens_per_forward=10 and batches of up to 4 rows, no forward of either model gets more than 10
+    input positions (rows × positions), prefixes included, and the rewards equal the unbounded ones."""
+    tok, teacher, student, _ = setup
+    texts = [b + CLOSE for b in BODIES] + [BODIES[1] * 3, BODIES[2] + CLOSE]
+    sizes: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, kw: sizes.append(kw["input_ids"].numel()), with_kwargs=True)
+             for m in (teacher, student)]
+    try:
+        for share in (True, False):
+            unbounded = call(make_reward(setup, batch_size=4, share_prefixes=share), setup, texts)
+            assert max(sizes) > 10
+            sizes.clear()
+            bounded = call(make_reward(setup, batch_size=4, tokens_per_forward=10, share_prefixes=share), setup, texts)
+            assert sizes and max(sizes) <= 10, (share, sizes)
+            sizes.clear()
+            assert bounded == pytest.approx(unbounded, abs=1e-5)
+    finally:
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ConfigError, match="tokens_per_forward must be a positive integer"):
+        make_reward(setup, tokens_per_forward=0)
 
 
 def test_missing_teacher_and_format_mismatch(setup):

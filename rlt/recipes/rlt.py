@@ -51,7 +51,7 @@ def train(run: RLTRunConfig) -> dict:
     reward_funcs = build_reward_funcs(
         run.reward_funcs, penalty=run.nonfinite_reward_penalty, student_model=student, tokenizer=tokenizer,
         teacher_format=run.teacher_format, temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
-        offload_untrained_models=run.offload_untrained_models,
+        tokens_per_forward=run.teacher_reward_tokens_per_forward, offload_untrained_models=run.offload_untrained_models,
         # the generator's log-probs are the policy's: no stand-in for a reference-model teacher
         reuse_sampling_logprobs=run.teacher_reuse_sampling_logprobs and not run.use_reference_teacher_model)
     teacher_rewards = [f.fn for f in reward_funcs if isinstance(f.fn, TeacherKLReward)]

@@ -74,6 +74,7 @@ from rlt.rewards.teacher_math import (
     REDUCTIONS,
     length_buckets,
     normalize_values,
+    position_chunks,
     reduce_values,
     schulman_k3,
     target_logprobs,
@@ -188,6 +189,9 @@ class TeacherKLReward:
         batch_size: sequences per scoring forward.
         share_prefixes: score the completions of one prompt on one forward of their common prefix (the teacher
             prompt; the student's system prompt + question), shared through the KV cache.
+        tokens_per_forward: at most this many input positions (rows × positions) per scoring forward; longer
+            batches run in several forwards on the KV cache, so the logits and a layer's activations stay bounded
+            (8192 × a 152k vocabulary in bf16: 2.5 GB of logits) whatever the sequence length.
         offload_untrained_models: keep the student on CPU between calls, moved to the scoring device for a call.
         device: scoring device; default the teacher's device, else the student's current device.
     """
@@ -216,6 +220,7 @@ class TeacherKLReward:
         reuse_sampling_logprobs: bool = True,
         batch_size: int = 8,
         share_prefixes: bool = True,
+        tokens_per_forward: int = 8192,
         offload_untrained_models: bool = False,
         device: str | torch.device | None = None,
     ) -> None:
@@ -266,6 +271,9 @@ class TeacherKLReward:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         self.share_prefixes = bool(share_prefixes)
+        if not isinstance(tokens_per_forward, int) or isinstance(tokens_per_forward, bool) or tokens_per_forward < 1:
+            raise ConfigError(f"tokens_per_forward must be a positive integer, got {tokens_per_forward!r}")
+        self.tokens_per_forward = tokens_per_forward
         self.offload_untrained_models = bool(offload_untrained_models)
         self.device = torch.device(device) if device is not None else None
 
@@ -389,13 +397,15 @@ class TeacherKLReward:
     # ------------------------------------------------------------------------------------------------ forward
 
     def _plan(self, seqs: list[list[int]], starts: list[int]) -> list[tuple]:
-        """The micro-batches `_token_logprobs` runs, in order: ``("whole", indices)`` (one forward) or
-        ``("shared", groups, pieces)`` (one prefix forward, then one forward per piece of suffix rows).
+        """The micro-batches `_token_logprobs` runs, in order, each with its forwards: ``("whole", indices,
+        spans)`` or ``("shared", groups, pieces, (prefix_spans, piece_spans))`` (the prefix forwards, then per
+        piece of suffix rows the forwards over its position chunks).
 
         Sequences whose unscored prefixes ``seq[:start]`` are identical (the G completions of one prompt) are scored
         together: the prefix runs once, its KV cache is shared by the group's suffixes (`_shared_prefix_batch`).
         Micro-batches hold up to `batch_size` sequences; with `batch_size` 1, or when no prefix repeats, or when
         `share_prefixes` is off, every sequence is scored whole (`_whole_batch`: length-sorted, left-padded).
+        A forward runs at most `tokens_per_forward` positions (`position_chunks`), on the KV cache of the previous.
         """
         todo = [i for i in range(len(seqs)) if len(seqs[i]) > starts[i]]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -409,9 +419,29 @@ class TeacherKLReward:
                 if batches[-1] and sum(map(len, batches[-1])) + len(group) > self.batch_size:
                     batches.append([])
                 batches[-1].append(group)
-            return [("shared", groups_, self._suffix_pieces(seqs, starts, groups_)) for groups_ in batches if groups_]
+            plan = []
+            for groups_ in filter(None, batches):
+                pieces = self._suffix_pieces(seqs, starts, groups_)
+                prefix = position_chunks(0, max(starts[g[0]] for g in groups_), len(groups_), self.tokens_per_forward)
+                spans = [position_chunks(0, max(len(seqs[i]) - starts[i] for _, i in piece) - 1, len(piece),
+                                         self.tokens_per_forward) for piece in pieces]
+                plan.append(("shared", groups_, pieces, (prefix, spans)))
+            return plan
         todo.sort(key=lambda i: len(seqs[i]), reverse=True)
-        return [("whole", todo[b: b + self.batch_size]) for b in range(0, len(todo), self.batch_size)]
+        return [("whole", idx, self._whole_spans(seqs, starts, idx))
+                for idx in (todo[b: b + self.batch_size] for b in range(0, len(todo), self.batch_size))]
+
+    def _whole_spans(self, seqs, starts, idx) -> list[tuple[int, int]]:
+        """The forwards ``[c0, c1)`` over the left-padded positions of the whole sequences `idx`: one forward of
+        all ``L`` positions when they fit in `tokens_per_forward`; else the unscored head ``[0, L - 1 - n)`` (n =
+        the longest scored span), then the scored positions ``[L - 1 - n, L - 1)``, each in chunks on the KV cache
+        (position ``L - 1`` scores nothing)."""
+        length, rows = max(len(seqs[i]) for i in idx), len(idx)
+        if length * rows <= self.tokens_per_forward:
+            return [(0, length)]
+        first = length - 1 - max(len(seqs[i]) - starts[i] for i in idx)
+        return (position_chunks(0, first, rows, self.tokens_per_forward)
+                + position_chunks(first, length - 1, rows, self.tokens_per_forward))
 
     def _suffix_pieces(self, seqs, starts, groups) -> list[list[tuple[int, int]]]:
         """``(group, sequence)`` rows of `groups`, longest suffix first, in pieces of up to `batch_size` rows of
@@ -430,14 +460,15 @@ class TeacherKLReward:
         (other completions, other prefix groups) runs one-token forwards to match."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
         plan = self._plan(seqs, starts)
-        calls = sum(1 if step[0] == "whole" else 1 + len(step[2]) for step in plan)
+        calls = sum(len(step[2]) if step[0] == "whole" else len(step[3][0]) + sum(map(len, step[3][1]))
+                    for step in plan)
         extra = self._forwards_to_match(model, calls, device)
         keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
         for step in plan:
             if step[0] == "whole":
-                self._whole_batch(model, seqs, starts, step[1], temperature, device, keep_ok, out)
+                self._whole_batch(model, seqs, starts, step[1], step[2], temperature, device, keep_ok, out)
             else:
-                self._shared_prefix_batch(model, seqs, starts, step[1], step[2], temperature, device, keep_ok, out)
+                self._shared_prefix_batch(model, seqs, starts, *step[1:], temperature, device, keep_ok, out)
         for _ in range(extra):
             model(input_ids=torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device), use_cache=False)
         return out
@@ -452,61 +483,85 @@ class TeacherKLReward:
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         return int(most.item()) - calls
 
-    def _whole_batch(self, model, seqs, starts, idx, temperature, device, keep_ok, out) -> None:
-        """One forward of whole sequences `idx`: left-padded, explicit position ids, logits only for the scored
-        positions (``logits_to_keep``) when the model supports it."""
+    @staticmethod
+    def _forward(model, keep_ok: bool, keep: int, **kwargs):
+        """(logits of the last `keep` input positions, the KV cache): ``logits_to_keep`` when the model has it."""
+        if keep_ok:
+            kwargs["logits_to_keep"] = keep
+        result = model(**kwargs)
+        return result.logits[:, -keep:], result.past_key_values
+
+    def _whole_batch(self, model, seqs, starts, idx, spans, temperature, device, keep_ok, out) -> None:
+        """Whole sequences `idx`, left-padded, explicit position ids, in the forwards `spans` (`_whole_spans`; more
+        than one run on the KV cache of the previous ones), logits only for the scored positions."""
         length = max(len(seqs[i]) for i in idx)
         n_scored = [len(seqs[i]) - starts[i] for i in idx]
         input_ids, mask = self._padded([seqs[i] for i in idx], length, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                      position_ids=positions.to(device), use_cache=False)
-        if keep_ok:
-            kwargs["logits_to_keep"] = max(n_scored) + 1
-        logits = model(**kwargs).logits
-        kept = logits.shape[1]
+        first = length - 1 - max(n_scored)  # the first position whose logits score a token (p scores p + 1)
+        cache, parts = None, [[] for _ in idx]
+        for c0, c1 in spans:
+            keep = c1 - max(c0, first) if c1 > first else 1
+            logits, cache = self._forward(model, keep_ok, keep, input_ids=input_ids[:, c0:c1].to(device),
+                                          attention_mask=mask[:, :c1].to(device),
+                                          position_ids=positions[:, c0:c1].to(device), past_key_values=cache,
+                                          use_cache=len(spans) > 1)
+            lo = c1 - keep  # logits row k is position lo + k
+            for r in range(len(idx)):
+                p0, p1 = max(lo, length - 1 - n_scored[r]), min(c1, length - 1)
+                if p1 > p0:
+                    parts[r].append(target_logprobs(logits[r, p0 - lo: p1 - lo],
+                                                    input_ids[r, p0 + 1: p1 + 1].tolist(), temperature))
+            del logits
+        del cache
         for r, i in enumerate(idx):
-            out[i] = target_logprobs(logits[r, kept - 1 - n_scored[r]: kept - 1], seqs[i][starts[i]:], temperature)
-        del logits
+            out[i] = torch.cat(parts[r])
 
-    def _shared_prefix_batch(self, model, seqs, starts, groups, pieces, temperature, device, keep_ok, out) -> None:
+    def _shared_prefix_batch(self, model, seqs, starts, groups, pieces, forwards, temperature, device, keep_ok,
+                             out) -> None:
         """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
         of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then the
         suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
-        similar lengths (`length_buckets`) so that a short suffix is not padded to the longest one. A group larger
-        than `batch_size` (64 generations, batch 8) runs its prefix once. The first suffix token is scored by the
-        prefix's last logits, the others by the suffix forward."""
+        similar lengths (`length_buckets`) so that a short suffix is not padded to the longest one, each piece in
+        the forwards of its position chunks `spans`. A group larger than `batch_size` (64 generations, batch 8)
+        runs its prefix once. The first suffix token is scored by the prefix's last logits, suffix position t by
+        the logits of position t - 1 (the last suffix token scores nothing). `forwards` = (the prefix's position
+        chunks, each piece's)."""
+        prefix_spans, spans = forwards
         prefixes = [seqs[g[0]][:starts[g[0]]] for g in groups]
         p_len = max(len(p) for p in prefixes)
         p_ids, p_mask = self._padded(prefixes, p_len, left=True)
-        kwargs = dict(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
-                      position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True)
-        if keep_ok:
-            kwargs["logits_to_keep"] = 1
-        prefix_out = model(**kwargs)
-        first_logits, prefix_cache = prefix_out.logits[:, -1], prefix_out.past_key_values
-        del prefix_out
-        for b, sub in enumerate(pieces):  # up to batch_size suffixes of similar lengths on a copy of the prefixes
-            owner = torch.tensor([j for j, _ in sub], device=device)
-            cache = prefix_cache if b == len(pieces) - 1 else copy.deepcopy(prefix_cache)
-            cache.batch_select_indices(owner)
+        p_positions = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        prefix_cache = None
+        for c0, c1 in prefix_spans:
+            first_logits, prefix_cache = self._forward(
+                model, keep_ok, 1, input_ids=p_ids[:, c0:c1].to(device), attention_mask=p_mask[:, :c1].to(device),
+                position_ids=p_positions[:, c0:c1].to(device), past_key_values=prefix_cache, use_cache=True)
+        first_logits = first_logits[:, -1]
+        last = max((b for b, chunks in enumerate(spans) if chunks), default=-1)  # the last piece using the cache
+        for b, (sub, chunks) in enumerate(zip(pieces, spans, strict=True)):
             suffixes = [seqs[i][starts[i]:] for _, i in sub]
-            s_len = max(len(x) for x in suffixes)
-            s_ids, s_mask = self._padded(suffixes, s_len, left=False)
-            p_lens = p_mask.sum(-1)[owner.cpu()]
-            positions = p_lens[:, None] + torch.arange(s_len)[None, :]
-            kwargs = dict(input_ids=s_ids.to(device),
-                          attention_mask=torch.cat([p_mask[owner.cpu()], s_mask], 1).to(device),
-                          position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-            if keep_ok:
-                kwargs["logits_to_keep"] = s_len
-            logits = model(**kwargs).logits
-            del cache
-            for r, (j, i) in enumerate(sub):
-                n = len(suffixes[r])
-                scored = torch.cat([first_logits[j: j + 1], logits[r, : n - 1]])
-                out[i] = target_logprobs(scored, suffixes[r], temperature)
-            del logits
+            parts = [[target_logprobs(first_logits[j: j + 1], x[:1], temperature)] for (j, _), x in zip(sub, suffixes, strict=True)]
+            if chunks:  # up to batch_size suffixes of similar lengths on a copy of the prefixes
+                owner = torch.tensor([j for j, _ in sub], device=device)
+                cache = prefix_cache if b == last else copy.deepcopy(prefix_cache)
+                cache.batch_select_indices(owner)
+                s_len = max(len(x) for x in suffixes)
+                s_ids, s_mask = self._padded(suffixes, s_len, left=False)
+                mask = torch.cat([p_mask[owner.cpu()], s_mask], 1)
+                positions = p_mask.sum(-1)[owner.cpu()][:, None] + torch.arange(s_len)[None, :]
+                for c0, c1 in chunks:
+                    logits, cache = self._forward(model, keep_ok, c1 - c0, input_ids=s_ids[:, c0:c1].to(device),
+                                                  attention_mask=mask[:, : p_len + c1].to(device),
+                                                  position_ids=positions[:, c0:c1].to(device), past_key_values=cache,
+                                                  use_cache=True)
+                    for r, x in enumerate(suffixes):  # positions c0 .. min(c1, n - 1) - 1 score tokens c0 + 1 ..
+                        if (stop := min(c1, len(x) - 1)) > c0:
+                            parts[r].append(target_logprobs(logits[r, : stop - c0], x[c0 + 1: stop + 1], temperature))
+                    del logits
+                del cache
+            for r, (_, i) in enumerate(sub):
+                out[i] = torch.cat(parts[r])
         del first_logits, prefix_cache
 
     def _padded(self, rows: list[list[int]], length: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

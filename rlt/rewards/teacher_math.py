@@ -119,3 +119,16 @@ def target_logprobs(logits: torch.Tensor, targets: Sequence[int], temperature: f
             x = x / temperature
         parts.append(x.gather(-1, targets_t[c: c + _LOGSOFTMAX_CHUNK, None]).squeeze(-1) - torch.logsumexp(x, dim=-1))
     return torch.cat(parts).cpu()
+
+
+def position_chunks(start: int, stop: int, rows: int, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ``[c0, c1)`` ranges covering ``[start, stop)``, each of at most ``max(1, budget // rows)``
+    positions: the forwards that keep at most `budget` logit positions of a `rows`-row batch.
+
+    >>> position_chunks(0, 10, rows=2, budget=8), position_chunks(3, 5, rows=4, budget=64), position_chunks(2, 2, 1, 8)
+    ([(0, 4), (4, 8), (8, 10)], [(3, 5)], [])
+
+    (2 rows, budget 8: 4 positions per forward; 4 rows, budget 64: 16, so one range; an empty range: none)
+    """
+    size = max(1, budget // max(1, rows))
+    return [(c, min(stop, c + size)) for c in range(start, stop, size)]
