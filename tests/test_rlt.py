@@ -45,9 +45,22 @@ def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
     assert "<|begin_of_thought|>" in chats and "<|begin_of_solution|>" in chats
 
 
-def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path):
-    summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "beta=0.0", "max_steps=2")
+def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path, monkeypatch):
+    """Also: teacher_reward_tokens_per_forward reaches the reward, whose forwards then stay within it."""
+    from rlt.rewards.teacher import TeacherKLReward
+
+    sizes: list[int] = []
+    original = TeacherKLReward._forward
+
+    def forward(model, keep_ok, keep, **kwargs):
+        sizes.append(kwargs["input_ids"].numel())
+        return original(model, keep_ok, keep, **kwargs)
+
+    monkeypatch.setattr(TeacherKLReward, "_forward", staticmethod(forward))
+    summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "beta=0.0", "max_steps=2",
+                   "teacher_reward_tokens_per_forward=96")
     assert summary["global_step"] == 2
+    assert sizes and max(sizes) <= 96, sizes
 
 
 def test_separate_student_with_a_new_pad_token(compose, tmp_path, tiny_model_path):
