@@ -985,7 +985,8 @@ def candidate_changes(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
     if plan.is_rl:
         if plan.reference_model:
             ref_offloadable = not plan.uses_deepspeed  # under DeepSpeed the reference stays a (sharded) engine
-            if (ref_offloadable and not plan.reference_offload) or (plan.student is not None and not plan.student_offload):
+            student_on_gpu = plan.student is not None and not plan.student_offload
+            if (ref_offloadable and not plan.reference_offload) or student_on_gpu:
                 out.append(("offload_untrained_models=true",
                             rep(plan, reference_offload=plan.reference_offload or ref_offloadable, student_offload=True)))
             out.append(("beta=0", rep(plan, reference_model=False)))

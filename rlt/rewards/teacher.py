@@ -541,7 +541,8 @@ class TeacherKLReward:
         last = max((b for b, chunks in enumerate(spans) if chunks), default=-1)  # the last piece using the cache
         for b, (sub, chunks) in enumerate(zip(pieces, spans, strict=True)):
             suffixes = [seqs[i][starts[i]:] for _, i in sub]
-            parts = [[target_logprobs(first_logits[j: j + 1], x[:1], temperature)] for (j, _), x in zip(sub, suffixes, strict=True)]
+            parts = [[target_logprobs(first_logits[j: j + 1], x[:1], temperature)]  # scored by the prefix
+                     for (j, _), x in zip(sub, suffixes, strict=True)]
             if chunks:  # up to batch_size suffixes of similar lengths on a copy of the prefixes
                 owner = torch.tensor([j for j, _ in sub], device=device)
                 cache = prefix_cache if b == last else copy.deepcopy(prefix_cache)
