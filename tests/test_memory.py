@@ -463,3 +463,47 @@ def test_estimate_close_to_measured_on_tiny_model(case):
 
     result = run_case(case)
     assert 0.65 <= result["ratio"] <= 1.35, result
+
+
+def test_teacher_reward_scoring_bytes_bounds_the_measured_peak(tiny_model_path):
+    """The reward's scoring buffers on CPU (peak live bytes of the allocator during a call, from torch.profiler's
+    memory events) stay below `teacher_reward_scoring_bytes` (an upper bound: the scored span is taken as the whole
+    sequence, the KV cache twice), and a small `tokens_per_forward` lowers the peak. Tiny model, 4 completions of
+    300 tokens after a ~580-token stratos prompt."""
+    import torch
+
+    from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets
+    from rlt.memcheck import resolve_arch
+    from rlt.models import load_model, load_tokenizer
+    from rlt.rewards.teacher import TeacherKLReward
+
+    tok = load_tokenizer(tiny_model_path)
+    teacher, student = (load_model(tiny_model_path, torch_dtype="float32") for _ in range(2))
+    fmt = get_teacher_format("stratos")
+    rows, _ = prepare_teacher_datasets("synthetic:arithmetic", mode="rl", tokenizer=tok, fmt=fmt, data_format="gsm8k",
+                                       synthetic={"num_train": 4, "num_eval": 2}, max_samples=1, seed=0)
+    words = tok(" seven plus three makes ten", add_special_tokens=False)["input_ids"]
+    ids = [[words[(k + j) % len(words)] for j in range(300)] for k in range(4)]
+    call = dict(prompts=[rows[0]["prompt"]] * 4, completions=[tok.decode(x) for x in ids], completion_ids=ids,
+                question=[rows[0]["question"]] * 4, solution=[rows[0]["solution"]] * 4,
+                teacher_format=[rows[0]["teacher_format"]] * 4)
+    seq = len(tok(rows[0]["prompt"])["input_ids"]) + 300 + 40  # + the student's solution block
+    arch, _ = resolve_arch(tiny_model_path)
+
+    def peak(tokens_per_forward: int) -> int:
+        reward = TeacherKLReward(student, tok, teacher, teacher_format=fmt, batch_size=4,
+                                 tokens_per_forward=tokens_per_forward)
+        reward(**call)  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            reward(**call)
+        live = top = 0
+        for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            top = max(top, live)
+        return top
+
+    whole, chunked = peak(8192), peak(256)
+    assert 0 < whole <= M.teacher_reward_scoring_bytes(arch, 4, seq, 4, 8192)
+    assert 0 < chunked <= M.teacher_reward_scoring_bytes(arch, 4, seq, 4, 256)
+    assert chunked < whole
