@@ -101,11 +101,9 @@ def check(world: int, servers: int, run_cfg: str, overrides: list[str]) -> str:
     if world < 1:
         raise UsageError(f"NUM_TRAIN_GPUS={world} must be >= 1")
     run = compose_validated(run_cfg, overrides, world_size=world)
-    from rlt.errors import ConfigError
-    from rlt.models import local_path_problems
+    from rlt.models import check_local_paths
 
-    if problems := local_path_problems(run):
-        raise ConfigError("invalid config: " + "; ".join(problems))
+    check_local_paths(run)
     summary = f"config ok: run_cfg={run_cfg} algorithm={run.algorithm}, {world} training process(es)"
     summary += f", gradient_accumulation_steps={run.gradient_accumulation_steps}"
     generates = hasattr(run, "generation_backend")

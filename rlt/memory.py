@@ -413,6 +413,9 @@ def fused_logits_bytes(tokens: int, arch: ModelArch, *, lm_head_trainable: bool)
     return tile + tokens * arch.hidden_size * 4 + head
 
 
+REWARD_LOGSOFTMAX_CHUNK = 512  # = rlt.rewards.teacher_math._LOGSOFTMAX_CHUNK (this module imports no torch; tested)
+
+
 def teacher_reward_scoring_bytes(arch: ModelArch, batch: int, tokens: int, dtype_bytes: int,
                                  tokens_per_forward: int = 8192) -> int:
     """The buffers of the RLT teacher reward's no-grad scoring (`rlt.rewards.TeacherKLReward`) in a `dtype_bytes`
@@ -426,13 +429,10 @@ def teacher_reward_scoring_bytes(arch: ModelArch, batch: int, tokens: int, dtype
     """
     n = min(batch * tokens, tokens_per_forward)
     logits = n * arch.vocab_size * dtype_bytes
-    chunks = 2 * _LOGSOFTMAX_CHUNK * arch.vocab_size * 4
+    chunks = 2 * REWARD_LOGSOFTMAX_CHUNK * arch.vocab_size * 4
     layer = n * (arch.hidden_size + 2 * arch.intermediate_size) * dtype_bytes
     kv = 2 * batch * tokens * kv_bytes_per_token(arch, dtype_bytes)
     return logits + chunks + layer + kv
-
-
-_LOGSOFTMAX_CHUNK = 512  # rlt.rewards.teacher_math: positions per fp32 log-softmax chunk
 
 
 # ----------------------------------------------------------------------------------------------- vLLM
@@ -842,8 +842,6 @@ def _scoring(plan: MemoryPlan, extra: list[Component]) -> list[Component]:
         forwards.append((moved, teacher_reward_scoring_bytes(student, batch, plan.seq_len, a,
                                                              plan.reward_tokens_per_forward),
                          f"teacher reward: {batch} × {plan.seq_len:,}-token student forward"))
-    by_name = {c.name: c for c in extra}
-
     def weights_of(name: str | None) -> int:
         if name == "student model":
             return _frozen_weights(plan.student, plan, student=True)
@@ -851,7 +849,7 @@ def _scoring(plan: MemoryPlan, extra: list[Component]) -> list[Component]:
 
     moved, buffers, note = max(forwards, key=lambda f: f[1] + weights_of(f[0]))
     frozen = [dataclasses.replace(c, bytes=weights_of(moved), note="moved to the GPU for its scoring forward")
-              if c.name == moved else c for c in by_name.values()]
+              if c.name == moved else c for c in extra]
     return [Component("activations", 0, "no-grad forward (counted with its buffers)"),
             Component("logits / log-softmax", buffers, note), *frozen]
 

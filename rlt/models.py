@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -61,22 +60,28 @@ def known_model_names() -> list[str]:
     return [f"rlt:{name}" for name in [*TINY_SPECS, SMOLLM2_NAME]]
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
 _RUN_CFG_DIR = Path(__file__).resolve().parents[1] / "cfgs" / "run_cfg"
 
 
 def missing_local_model(value: str) -> str | None:
-    """What is wrong with a model key's `value` that can only be a local directory (a path that is not a hub id
-    ``name`` / ``org/name``) when there is nothing there; None when it exists, is a built-in ``rlt:`` name, or could
-    be a hub id. A missing ``results/<run>/final`` of a shipped run config names the run that writes it.
+    """What is wrong with a model key's `value` that can only be a local directory (not a valid hub repo id, by
+    `huggingface_hub`'s own check) when there is nothing there; None when it exists, is a built-in ``rlt:`` name, or
+    could be a hub id. A missing ``results/<run>/final`` of a shipped run config names the run that writes it.
 
     >>> missing_local_model("Qwen/Qwen2.5-7B-Instruct") is None and missing_local_model("rlt:tiny") is None
     True
     >>> missing_local_model("/nonexistent/model")
     'there is no directory /nonexistent/model'
     """
-    if value.startswith("rlt:") or Path(value).expanduser().exists() or _HUB_ID.fullmatch(value):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.startswith("rlt:") or Path(value).expanduser().exists():
         return None
+    try:
+        validate_repo_id(value)
+        return None  # "name" or "org/name": the loader looks it up on the hub
+    except HFValidationError:
+        pass
     msg = f"there is no directory {value}"
     parts = Path(value).parts
     if len(parts) >= 2 and parts[-1] == "final" and (_RUN_CFG_DIR / f"{parts[-2]}.yaml").is_file():
@@ -85,10 +90,12 @@ def missing_local_model(value: str) -> str | None:
     return msg
 
 
-def local_path_problems(run) -> list[str]:
-    """Model keys and `resume_from` of a validated run config that name local paths which do not exist: checked
-    before anything loads, so that a missing warm-up checkpoint is one line at startup, not a hub lookup error
-    after the engine imports."""
+def check_local_paths(run) -> None:
+    """Raise `ConfigError` when model keys or `resume_from` of a validated run config name local paths that do not
+    exist: checked before anything loads (`rlt.train`, `launch_multi.sh`'s check), so that a missing warm-up
+    checkpoint is one line at startup, not a hub lookup error after the engine imports."""
+    from rlt.errors import ConfigError
+
     problems = []
     for key in ("model_name_or_path", "tokenizer_name_or_path", "student_model"):
         value = getattr(run, key, None)
@@ -96,7 +103,8 @@ def local_path_problems(run) -> list[str]:
             problems.append(f"{key}={value}: {msg}")
     if getattr(run, "resume_from", None) and not Path(run.resume_from).expanduser().is_dir():
         problems.append(f"resume_from={run.resume_from}: there is no checkpoint directory there")
-    return problems
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in problems))
 
 
 def cache_dir() -> Path:

@@ -53,11 +53,9 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         print(f"rlt: {run.output_dir} already finished {done['global_step']} of max_steps={run.max_steps} steps; "
               "nothing to do (raise max_steps to train on, or use a new run_name / output_dir)", flush=True)
         return done
-    from rlt.errors import ConfigError
-    from rlt.models import local_path_problems
+    from rlt.models import check_local_paths
 
-    if problems := local_path_problems(run):
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in problems))
+    check_local_paths(run)
     check_before_training(run)
     recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
     return recipe.train(run)

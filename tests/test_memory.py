@@ -280,6 +280,9 @@ def test_teacher_reward_scoring_bytes_hand_worked():
     8192·(3584 + 2·18,944)·2 = 679,477,248; KV 2·2·12,288·57,344 = 2,818,572,288 (sum 6.61 GB). Without the
     chunking (a forward of all 24,576 positions) the logits alone would be 7.47 GB."""
     assert M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2) == 2_491_416_576 + 622_854_144 + 679_477_248 + 2_818_572_288
+    from rlt.rewards.teacher_math import _LOGSOFTMAX_CHUNK
+
+    assert M.REWARD_LOGSOFTMAX_CHUNK == _LOGSOFTMAX_CHUNK  # the estimate mirrors the reward's chunk
     assert M.teacher_reward_scoring_bytes(Q7, 1, 100, 2) == (100 * 152_064 * 2 + 622_854_144 + 100 * 41_472 * 2
                                                             + 2 * 100 * 57_344)
     assert M.teacher_reward_scoring_bytes(Q7, 2, 12288, 2, tokens_per_forward=24576) - \

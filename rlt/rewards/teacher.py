@@ -24,8 +24,9 @@ For each teacher completion (the explanation the teacher wrote after ``explanati
    ``-s_k`` in place of ``d_k`` (the same estimator transform applied with ``q_k = 0``). Per token: normalise
    (``none``/``exp``/``exp_norm`` = 1 - e^-x), then clip (log-probs below at ``-clip_log_prob``, KL values above at
    ``clip_kl``), then reduce (mean, sum, min, max, median, first_quartile, last_quartile; median is the lower
-   median, as the reference's ``nanmedian``; the quartiles are linear-interpolation quantiles). A list coefficient is paired elementwise with the list of reductions, a scalar
-   multiplies each of them; the weighted reductions are summed.
+   median, as the reference's ``nanmedian``; the quartiles are linear-interpolation quantiles). A list coefficient
+   is paired elementwise with the list of reductions, a scalar multiplies each of them; the weighted reductions are
+   summed.
 
 Final reward::
 
@@ -62,7 +63,7 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -149,6 +150,29 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+class _Whole(NamedTuple):
+    """Whole sequences `idx`, left-padded, scored in the forwards `spans` (position ranges)."""
+    idx: list[int]
+    spans: list[tuple[int, int]]
+
+    @property
+    def forwards(self) -> int:
+        return len(self.spans)
+
+
+class _Shared(NamedTuple):
+    """Prompt groups sharing their prefix: the prefix forwards `prefix_spans`, then each suffix piece (rows
+    ``(group, sequence)``) in the forwards of its `piece_spans` entry."""
+    groups: list[list[int]]
+    pieces: list[list[tuple[int, int]]]
+    prefix_spans: list[tuple[int, int]]
+    piece_spans: list[list[tuple[int, int]]]
+
+    @property
+    def forwards(self) -> int:
+        return len(self.prefix_spans) + sum(map(len, self.piece_spans))
 
 
 # --------------------------------------------------------------------------------------------------- the reward
@@ -396,10 +420,8 @@ class TeacherKLReward:
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    def _plan(self, seqs: list[list[int]], starts: list[int]) -> list[tuple]:
-        """The micro-batches `_token_logprobs` runs, in order, each with its forwards: ``("whole", indices,
-        spans)`` or ``("shared", groups, pieces, (prefix_spans, piece_spans))`` (the prefix forwards, then per
-        piece of suffix rows the forwards over its position chunks).
+    def _plan(self, seqs: list[list[int]], starts: list[int]) -> list[_Whole | _Shared]:
+        """The micro-batches `_token_logprobs` runs, in order, each with its forwards (`_Whole`, `_Shared`).
 
         Sequences whose unscored prefixes ``seq[:start]`` are identical (the G completions of one prompt) are scored
         together: the prefix runs once, its KV cache is shared by the group's suffixes (`_shared_prefix_batch`).
@@ -425,10 +447,10 @@ class TeacherKLReward:
                 prefix = position_chunks(0, max(starts[g[0]] for g in groups_), len(groups_), self.tokens_per_forward)
                 spans = [position_chunks(0, max(len(seqs[i]) - starts[i] for _, i in piece) - 1, len(piece),
                                          self.tokens_per_forward) for piece in pieces]
-                plan.append(("shared", groups_, pieces, (prefix, spans)))
+                plan.append(_Shared(groups_, pieces, prefix, spans))
             return plan
         todo.sort(key=lambda i: len(seqs[i]), reverse=True)
-        return [("whole", idx, self._whole_spans(seqs, starts, idx))
+        return [_Whole(idx, self._whole_spans(seqs, starts, idx))
                 for idx in (todo[b: b + self.batch_size] for b in range(0, len(todo), self.batch_size))]
 
     def _whole_spans(self, seqs, starts, idx) -> list[tuple[int, int]]:
@@ -460,15 +482,13 @@ class TeacherKLReward:
         (other completions, other prefix groups) runs one-token forwards to match."""
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
         plan = self._plan(seqs, starts)
-        calls = sum(len(step[2]) if step[0] == "whole" else len(step[3][0]) + sum(map(len, step[3][1]))
-                    for step in plan)
-        extra = self._forwards_to_match(model, calls, device)
+        extra = self._forwards_to_match(model, sum(step.forwards for step in plan), device)
         keep_ok = "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters
         for step in plan:
-            if step[0] == "whole":
-                self._whole_batch(model, seqs, starts, step[1], step[2], temperature, device, keep_ok, out)
+            if isinstance(step, _Whole):
+                self._whole_batch(model, seqs, starts, step, temperature, device, keep_ok, out)
             else:
-                self._shared_prefix_batch(model, seqs, starts, *step[1:], temperature, device, keep_ok, out)
+                self._shared_prefix_batch(model, seqs, starts, step, temperature, device, keep_ok, out)
         for _ in range(extra):
             model(input_ids=torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device), use_cache=False)
         return out
@@ -491,9 +511,10 @@ class TeacherKLReward:
         result = model(**kwargs)
         return result.logits[:, -keep:], result.past_key_values
 
-    def _whole_batch(self, model, seqs, starts, idx, spans, temperature, device, keep_ok, out) -> None:
-        """Whole sequences `idx`, left-padded, explicit position ids, in the forwards `spans` (`_whole_spans`; more
+    def _whole_batch(self, model, seqs, starts, step: _Whole, temperature, device, keep_ok, out) -> None:
+        """Whole sequences, left-padded, explicit position ids, in the forwards of `step` (`_whole_spans`; more
         than one run on the KV cache of the previous ones), logits only for the scored positions."""
+        idx, spans = step
         length = max(len(seqs[i]) for i in idx)
         n_scored = [len(seqs[i]) - starts[i] for i in idx]
         input_ids, mask = self._padded([seqs[i] for i in idx], length, left=True)
@@ -517,17 +538,15 @@ class TeacherKLReward:
         for r, i in enumerate(idx):
             out[i] = torch.cat(parts[r])
 
-    def _shared_prefix_batch(self, model, seqs, starts, groups, pieces, forwards, temperature, device, keep_ok,
-                             out) -> None:
-        """Score `groups` (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
+    def _shared_prefix_batch(self, model, seqs, starts, step: _Shared, temperature, device, keep_ok, out) -> None:
+        """Score the `step`'s groups (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
         of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then the
         suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
         similar lengths (`length_buckets`) so that a short suffix is not padded to the longest one, each piece in
-        the forwards of its position chunks `spans`. A group larger than `batch_size` (64 generations, batch 8)
+        the forwards of its position chunks. A group larger than `batch_size` (64 generations, batch 8)
         runs its prefix once. The first suffix token is scored by the prefix's last logits, suffix position t by
-        the logits of position t - 1 (the last suffix token scores nothing). `forwards` = (the prefix's position
-        chunks, each piece's)."""
-        prefix_spans, spans = forwards
+        the logits of position t - 1 (the last suffix token scores nothing)."""
+        groups, pieces, prefix_spans, spans = step
         prefixes = [seqs[g[0]][:starts[g[0]]] for g in groups]
         p_len = max(len(p) for p in prefixes)
         p_ids, p_mask = self._padded(prefixes, p_len, left=True)
