@@ -114,8 +114,17 @@ def generate_hf(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, 
 
     Prompts are left-padded in batches of about `batch_size` sequences (``batch_size // num_samples`` prompts).
     Texts are tokenized without adding special tokens (the chat template has them). The model's train/eval mode and
-    the tokenizer's padding side are restored afterwards.
+    the tokenizer's padding side are restored afterwards. `generate_hf_ids` gives the sampled token ids instead.
     """
+    ids = generate_hf_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          num_samples=num_samples, temperature=temperature, seed=seed)
+    return [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
+
+
+def generate_hf_ids(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                    num_samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[list[int]]]:
+    """As `generate_hf`, the sampled token ids of each completion: up to and including its first end-of-sequence
+    token, without the padding after it."""
     import torch
     from transformers import GenerationConfig
 
@@ -137,19 +146,27 @@ def generate_hf(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, 
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
-    results: list[list[str]] = []
+    results: list[list[list[int]]] = []
     try:
         for start in range(0, len(texts), prompts_per_batch):
             batch = list(texts[start:start + prompts_per_batch])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 out = model.generate(**enc, generation_config=config)
-            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            results.extend(decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(batch)))
+            rows = [_until_eos(r, eos) for r in out[:, enc["input_ids"].shape[1]:].tolist()]
+            results.extend(rows[i * num_samples:(i + 1) * num_samples] for i in range(len(batch)))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return results
+
+
+def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
+    """``ids`` up to and including the first of the `eos` ids (generate pads finished rows after it)."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i + 1]
+    return ids
 
 
 def make_vllm_engine(model_path: str, *, seed: int = 0, dtype: str = "auto",
@@ -171,11 +188,7 @@ def make_vllm_engine(model_path: str, *, seed: int = 0, dtype: str = "auto",
     return vllm.LLM(**kwargs)
 
 
-def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
-                  temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
-    """`num_samples` completions per prompt text with a ``vllm.LLM`` (see `make_vllm_engine`), same decoding as
-    `generate_hf`: greedy at temperature 0, else pure temperature sampling. Prompts are passed as token ids from
-    our tokenizer (``add_special_tokens=False``), so both backends see identical inputs."""
+def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, temperature, seed):
     from vllm import SamplingParams
 
     if num_samples > 1 and temperature <= 0:
@@ -183,8 +196,25 @@ def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, 
     params = SamplingParams(n=num_samples, temperature=max(float(temperature), 0.0), top_p=1.0,
                             max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True)
     prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
+                  temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
+    """`num_samples` completions per prompt text with a ``vllm.LLM`` (see `make_vllm_engine`), same decoding as
+    `generate_hf`: greedy at temperature 0, else pure temperature sampling. Prompts are passed as token ids from
+    our tokenizer (``add_special_tokens=False``), so both backends see identical inputs."""
+    outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                            temperature=temperature, seed=seed)
     return [[o.text for o in out.outputs] for out in outputs]
+
+
+def generate_vllm_ids(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
+                      temperature: float = 0.0, seed: int | None = None) -> list[list[list[int]]]:
+    """As `generate_vllm`, the sampled token ids of each completion (with its end-of-sequence token, if any)."""
+    outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                            temperature=temperature, seed=seed)
+    return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -307,7 +337,9 @@ def _hf_backend(model: str, torch_dtype: str, stack: ExitStack):
     return tokenizer, generate
 
 
-def _vllm_backend(model: str, torch_dtype: str, stack: ExitStack, *, seed: int, kv_cache_memory_bytes: int):
+def vllm_engine_for(model: str, torch_dtype: str, stack: ExitStack, *, seed: int, kv_cache_memory_bytes: int):
+    """``(tokenizer, vllm.LLM)`` for an evaluation model (a LoRA adapter is merged into a temp dir that `stack`
+    removes)."""
     from rlt.models import load_tokenizer, resolve_model_path
     from rlt.utils.imports import require
 
@@ -326,12 +358,7 @@ def _vllm_backend(model: str, torch_dtype: str, stack: ExitStack, *, seed: int, 
         tokenizer = load_tokenizer(name, padding_side="left")
     llm = make_vllm_engine(model_dir, seed=seed, dtype="auto" if torch_dtype == "auto" else torch_dtype,
                            kv_cache_memory_bytes=kv_cache_memory_bytes)
-
-    def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
-        return generate_vllm(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                             temperature=temperature, seed=seed)
-
-    return tokenizer, generate
+    return tokenizer, llm
 
 
 def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = None,
@@ -363,8 +390,12 @@ def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = 
         if backend == "hf":
             tokenizer, generate = _hf_backend(model, torch_dtype, stack)
         else:
-            tokenizer, generate = _vllm_backend(model, torch_dtype, stack, seed=seed,
-                                                kv_cache_memory_bytes=kv_cache_memory_bytes)
+            tokenizer, llm = vllm_engine_for(model, torch_dtype, stack, seed=seed,
+                                             kv_cache_memory_bytes=kv_cache_memory_bytes)
+
+            def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
+                return generate_vllm(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                                     temperature=temperature, seed=seed)
         texts = render_prompts(tokenizer, problems)
         options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
         logger.info("Generating greedy completions for %d problems (%s backend)", len(problems), backend)

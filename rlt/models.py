@@ -360,6 +360,20 @@ def repair_pad_token(tokenizer, pad_token: str | None = None) -> str | None:
     return what
 
 
+def check_shared_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
+    """The reward scores the teacher's token ids with the student: same vocabulary and chat template required."""
+    problems = []
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        problems.append(f"vocabularies differ ({len(teacher_tok)} vs {len(student_tok)} tokens)")
+    if teacher_tok.chat_template != student_tok.chat_template:
+        problems.append("chat templates differ")
+    if problems:
+        from rlt.errors import ConfigError
+
+        raise ConfigError(f"student_model={student_name} does not share the teacher's tokenizer: "
+                          f"{'; '.join(problems)}. RLT needs one tokenizer for both (e.g. the same model family)")
+
+
 def make_quantization_config(load_in_4bit: bool):
     """A bitsandbytes NF4 config (double quant, bf16 compute) for `load_in_4bit`, else None."""
     if not load_in_4bit:

@@ -23,6 +23,8 @@ def test_every_run_config_validates(compose, run_cfg):
     overrides = [f"run_cfg={run_cfg}"]
     if run_cfg.startswith("text"):
         overrides.append("dataset_id_or_path=corpus.txt")
+    if run_cfg.startswith("student"):  # the distilled data is the user's (python -m rlt.distill)
+        overrides.append("dataset_id_or_path=distilled.jsonl")
     run = validate(compose(overrides))
     assert run.run_name and run.gradient_accumulation_steps >= 1
 

@@ -7,7 +7,7 @@ import pytest
 
 from rlt.config import validate
 from rlt.errors import ConfigError
-from rlt.recipes.rlt import check_shared_tokenizer
+from rlt.models import check_shared_tokenizer
 from rlt.tracking import read_metrics
 from rlt.train import run_training
 

@@ -394,12 +394,25 @@ def teacher_rl_prompt(row: TeacherRow | Mapping[str, Any], fmt: TeacherFormat, t
 def student_chat_parts(question: str, solution: str, fmt: TeacherFormat, tokenizer) -> tuple[str, str]:
     """``(head, tail)`` of the student chat around the explanation text: ``head`` ends with the thought open tag,
     ``tail`` starts with the thought close tag, so ``head + explanation_text + tail == student_chat(...)``."""
-    assistant = (fmt.think_prefix + fmt.think_open + _SENTINEL + fmt.think_close + fmt.think_solution_delimiter
-                 + fmt.solution_block(solution))
-    text = _render(tokenizer, [{"role": "system", "content": fmt.student_system_prompt},
-                               {"role": "user", "content": question.strip()},
-                               {"role": "assistant", "content": assistant}])
-    return _split_once(text, _SENTINEL, "student chat")
+    return _split_once(_render(tokenizer, student_messages(question, _SENTINEL, solution, fmt)), _SENTINEL,
+                       "student chat")
+
+
+def student_answer(explanation_text: str, solution: str, fmt: TeacherFormat) -> str:
+    """The student's assistant turn (§1.5 step 3): ``think_prefix + think_open + explanation_text + think_close +
+    delimiter + solution block``. Stratos example (padding ``"\n\n"``): ``student_answer("\n\nAdd.\n\n", "4",
+    fmt)`` == ``"<|begin_of_thought|>\n\nAdd.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4\n\n"
+    "<|end_of_solution|>"``."""
+    return (fmt.think_prefix + fmt.think_open + explanation_text + fmt.think_close + fmt.think_solution_delimiter
+            + fmt.solution_block(solution))
+
+
+def student_messages(question: str, explanation_text: str, solution: str, fmt: TeacherFormat) -> list[dict]:
+    """The student chat as messages (system = student prompt, user = question, assistant = `student_answer`): what
+    the reward scores, and a student SFT row (``data_format=messages``)."""
+    return [{"role": "system", "content": fmt.student_system_prompt},
+            {"role": "user", "content": question.strip()},
+            {"role": "assistant", "content": student_answer(explanation_text, solution, fmt)}]
 
 
 def student_chat(question: str, explanation_text: str, solution: str, fmt: TeacherFormat, tokenizer) -> str:

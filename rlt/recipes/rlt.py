@@ -20,8 +20,7 @@ from transformers import TrainerCallback
 
 from rlt.config import RLTRunConfig
 from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets, student_chat
-from rlt.errors import ConfigError
-from rlt.models import load_tokenizer
+from rlt.models import check_shared_tokenizer, load_tokenizer
 from rlt.recipes import common, grpo
 from rlt.rewards.build import build_reward_funcs
 from rlt.rewards.teacher import TeacherKLReward
@@ -77,18 +76,6 @@ def train(run: RLTRunConfig) -> dict:
 
     return grpo.fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs, on_trainer=link,
                     callbacks=[RewardTermsLine()])
-
-
-def check_shared_tokenizer(teacher_tok, student_tok, student_name: str) -> None:
-    """The reward scores the teacher's token ids with the student: same vocabulary and chat template required."""
-    problems = []
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        problems.append(f"vocabularies differ ({len(teacher_tok)} vs {len(student_tok)} tokens)")
-    if teacher_tok.chat_template != student_tok.chat_template:
-        problems.append("chat templates differ")
-    if problems:
-        raise ConfigError(f"student_model={student_name} does not share the teacher's tokenizer: "
-                          f"{'; '.join(problems)}. RLT needs one tokenizer for both (e.g. the same model family)")
 
 
 class CompletionRecorder:

@@ -1,0 +1,461 @@
+"""Distillation data from an RLT teacher: its explanations of (question, solution) rows, as a student's SFT data.
+
+    python -m rlt.distill --teacher results/teacher_rlt_tiny/final --limit 200
+    python -m rlt.distill --teacher results/teacher_rlt/final --num-samples 4 --backend vllm     # best of 4
+    python -m rlt.distill --teacher rlt:tiny --run-cfg teacher_rlt_tiny dataset_id_or_path=data.jsonl
+    ./launch_mono.sh student_sft_tiny.yaml dataset_id_or_path=results/distill/<file>.jsonl      # then train a student
+
+This is the step after RL in the RLT paper: the teacher sees each question with its solution and writes the
+explanation; the student is then fine-tuned on question -> thought (the explanation) + solution. Everything that
+shapes the data comes from the teacher's own run config (``config.yaml`` beside ``final/`` or ``checkpoint-N/``):
+the dataset and its columns, the tags and system prompts (`TeacherFormat`), the prompt-length limit, the sampling
+temperature and completion length, the reward keys and the student; ``key=value`` arguments override any of them
+(checked like a training run's), and ``--run-cfg NAME`` composes one from ``cfgs/`` for a teacher without a run.
+
+Each row is sampled ``--num-samples`` times. With scoring on (the default), every sample gets the run's teacher
+reward (`rlt.rewards.TeacherKLReward`: the student's log-probs of the solution after the explanation, minus the KL
+term), scored on the sampled token ids, and the best closed, non-blank explanation of a row is kept (the reference's
+offline scorer, rlt-spec §3.8, keeps the best completion per row too). A row none of whose samples closes its
+explanation is dropped and counted (``--keep-unclosed`` keeps its best sample, cut where generation stopped).
+
+Output: one JSON line per kept row, written atomically: ``question``, ``solution``, ``reasoning_trace`` (the
+explanation, stripped), ``messages`` (system = the student prompt, user = question, assistant = thought +
+solution: exactly the chat the reward scored; ``data_format=messages`` trains on it), ``teacher_reward``,
+``closed``, ``samples``, ``samples_closed``, ``source_index``; and ``<output>.summary.json``. Bad input ends with
+a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import NamedTuple
+
+from rlt.errors import ConfigError, RltError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+SELECTIONS = ("best", "first")
+# TeacherKLReward keyword arguments that are RLT run-config keys of the same name (rlt.config.RLTSection)
+REWARD_KEYS = ("answer_log_prob_coeff", "kl_penalty_reward_coeff", "reduction_log_prob_fn", "reduction_kl_fn",
+               "normalize_log_prob_fn", "normalize_kl_fn", "clip_log_prob", "clip_kl", "use_schulman_kl_estimation",
+               "not_matched_penalty", "unbias_teacher_log_probs", "unbias_student_log_probs_temp",
+               "include_teacher_think_entropy")
+
+
+# ------------------------------------------------------------------------------------------------- pure helpers
+
+
+class Explanation(NamedTuple):
+    text: str  # between the explanation tags, with the leading padding the prompt ended with (rlt-spec §1.5)
+    closed: bool  # the close tag was generated
+    blank: bool  # nothing but whitespace
+
+
+def parse_explanation(completion: str, fmt) -> Explanation:
+    """The explanation a teacher completion holds: the prompt ended with ``explanation_open + padding``, so the
+    explanation is that padding + the completion up to the first close tag (everything after it is dropped).
+
+    Example (stratos, padding ``"\\n\\n"``): ``"Add 2 and 2.\\n\\n<|end_of_explanation|><|im_end|>"`` ->
+    ``Explanation("\\n\\nAdd 2 and 2.\\n\\n", closed=True, blank=False)``; ``"Add"`` (stopped at the length limit)
+    -> ``("\\n\\nAdd", False, False)``; ``"  <|end_of_explanation|>"`` -> ``("\\n\\n  ", True, True)``.
+    """
+    body, found, _ = completion.partition(fmt.explanation_close)
+    return Explanation(fmt.delimiters_padding + body, bool(found), not body.strip())
+
+
+def pick_sample(explanations: Sequence[Explanation], rewards: Sequence[float | None], *, select: str = "best",
+                keep_unclosed: bool = False) -> int | None:
+    """Index of the sample to keep, or None. Candidates: the closed, non-blank explanations (or, with
+    `keep_unclosed` and none of those, the non-blank ones). ``best``: the highest finite reward among them (ties
+    and missing rewards: the earliest); ``first``: the earliest.
+
+    Example: closed = [False, True, True], rewards = [9.0, -2.0, -1.5] -> 2 (sample 0 scores higher but never closed
+    its explanation); closed = [False, False] -> None, or with keep_unclosed the better of the two.
+    """
+    candidates = [i for i, e in enumerate(explanations) if e.closed and not e.blank]
+    if not candidates and keep_unclosed:
+        candidates = [i for i, e in enumerate(explanations) if not e.blank]
+    if not candidates:
+        return None
+    if select == "first":
+        return candidates[0]
+    scored = [i for i in candidates if rewards[i] is not None and math.isfinite(rewards[i])]
+    return max(scored, key=lambda i: (rewards[i], -i)) if scored else candidates[0]
+
+
+def find_run_config(teacher: str) -> Path | None:
+    """The run config of a trained teacher: ``config.yaml`` in the teacher dir (a run dir) or its parent (for
+    ``results/<run>/final`` and ``results/<run>/checkpoint-N``); None for a base model."""
+    path = Path(teacher).expanduser()
+    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def teacher_model_dir(teacher: str) -> str:
+    """A run dir given as the teacher means its ``final/`` model."""
+    path = Path(teacher).expanduser()
+    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+        return str(path / "final")
+    return teacher
+
+
+def default_output_path(teacher: str, data: str, split: str) -> Path:
+    """``results/distill/<teacher>__<data>__<split>.jsonl``, every name flattened to ``[A-Za-z0-9._-]``."""
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "x"
+
+    return Path("results") / "distill" / f"{slug(teacher)}__{slug(data)}__{slug(split)}.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequence[str] = ()):
+    """The teacher's `RLTRunConfig`: its saved run config (or, with `run_cfg`, ``cfgs/run_cfg/<run_cfg>``) with the
+    ``key=value`` `overrides`, validated like a training run's. Raises `ConfigError`."""
+    from omegaconf import OmegaConf
+
+    from rlt.config import validate
+
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        raise ConfigError(f"expected key=value overrides, got {bad}")
+    if run_cfg is not None:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        from rlt.train import CONFIG_DIR, _composition_error
+
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=[f"run_cfg={run_cfg}", *overrides])
+        except Exception as e:  # hydra / omegaconf composition errors: unknown key or run_cfg, bad value
+            if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+                raise
+            raise ConfigError(f"run_cfg={run_cfg}: " + _composition_error(e)) from None
+        finally:
+            GlobalHydra.instance().clear()
+        source = f"run_cfg={run_cfg}"
+    else:
+        path = find_run_config(teacher)
+        if path is None:
+            raise ConfigError(f"--teacher {teacher} has no run config (no config.yaml in it or its parent): it is not "
+                              "the output of an RLT run. Give the config to take the data, tags and reward from, "
+                              "e.g. --run-cfg teacher_rlt_tiny")
+        cfg = OmegaConf.load(path)
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist(list(overrides)))
+        except Exception as e:  # noqa: BLE001 - omegaconf parse errors of an override
+            raise ConfigError(f"cannot apply the overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+        source = str(path)
+    run = validate(cfg)
+    if run.algorithm != "rlt":
+        raise ConfigError(f"{source} is an algorithm={run.algorithm} run: distillation needs an RLT teacher's config "
+                          "(trainer_cfg=teacher_grpo), e.g. --run-cfg teacher_rlt_tiny")
+    return run
+
+
+def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_new_tokens, temperature, select, backend, score) -> None:
+    problems = []
+    for name, value in (("limit", limit), ("num_samples", num_samples), ("max_student_tokens", max_student_tokens),
+                        ("batch_size", batch_size),
+                        ("max_new_tokens", max_new_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be an integer >= 1, got {value!r}")
+    if temperature is not None and not (isinstance(temperature, int | float) and temperature >= 0):
+        problems.append(f"temperature must be a number >= 0, got {temperature!r}")
+    if num_samples > 1 and temperature is not None and temperature == 0:
+        problems.append(f"num_samples={num_samples} needs temperature > 0 (greedy decoding gives one sample)")
+    if select not in SELECTIONS:
+        problems.append(f"select must be one of {list(SELECTIONS)}, got {select!r}")
+    if select == "best" and num_samples > 1 and not score:
+        problems.append("select=best among several samples needs the teacher reward (drop --no-score, or "
+                        "use --select first)")
+    if backend not in BACKENDS:
+        problems.append(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------ phases
+
+
+def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_samples: int, temperature: float,
+              max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int):
+    """``(tokenizer, ids per prompt per sample)``; the engine (vLLM) or model (HF) is freed before returning."""
+    from rlt.evaluate import generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
+
+    options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, seed=seed)
+    with ExitStack() as stack:
+        if backend == "vllm":
+            tokenizer, llm = vllm_engine_for(teacher, run.torch_dtype, stack, seed=seed,
+                                             kv_cache_memory_bytes=kv_cache_memory_bytes)
+            ids = generate_vllm_ids(llm, tokenizer, prompts, **options)
+            del llm
+        else:
+            model, tokenizer = load_eval_model(teacher, torch_dtype=run.torch_dtype)
+            ids = generate_hf_ids(model, tokenizer, prompts, batch_size=batch_size, **options)
+            del model
+    _free_memory()
+    return tokenizer, ids
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]]) -> list[list[float]]:
+    """The run's teacher reward of every sample (the teacher = `teacher`, the student = the run's)."""
+    import torch
+
+    from rlt.evaluate import load_eval_model
+    from rlt.models import check_shared_tokenizer, load_model, load_tokenizer
+    from rlt.rewards.teacher import TeacherKLReward
+
+    student_name = run.student_model or run.model_name_or_path  # null: the run's reference = its initial policy
+    check_shared_tokenizer(tokenizer, load_tokenizer(student_name, revision=run.model_revision,
+                                                     trust_remote_code=run.trust_remote_code,
+                                                     pad_token=run.pad_token), student_name)
+    teacher_model, _ = load_eval_model(teacher, torch_dtype=run.torch_dtype)
+    student = load_model(student_name, torch_dtype=run.torch_dtype, attn_implementation=run.attn_implementation,
+                         revision=run.model_revision, trust_remote_code=run.trust_remote_code, tokenizer=tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_model.to(device)
+    student.to(device)
+    reward = TeacherKLReward(student, tokenizer, teacher_model, teacher_format=run.teacher_format,
+                             temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
+                             tokens_per_forward=run.teacher_reward_tokens_per_forward, reuse_sampling_logprobs=False,
+                             **{k: getattr(run, k) for k in REWARD_KEYS})
+    flat = [(r, s) for r in range(len(rows)) for s in range(len(ids[r]))]
+    values: list[list[float]] = [[math.nan] * len(ids[r]) for r in range(len(rows))]
+    chunk = max(run.teacher_reward_batch_size * 4, 1)  # progress and bounded host memory on long datasets
+    for start in range(0, len(flat), chunk):
+        part = flat[start:start + chunk]
+        got = reward([rows[r]["prompt"] for r, _ in part], completion_ids=[ids[r][s] for r, s in part],
+                     question=[rows[r]["question"] for r, _ in part], solution=[rows[r]["solution"] for r, _ in part],
+                     teacher_format=[rows[r]["teacher_format"] for r, _ in part])
+        for (r, s), v in zip(part, got, strict=True):
+            values[r][s] = float(v)
+        logger.info("Scored %d of %d samples", min(start + chunk, len(flat)), len(flat))
+    del teacher_model, student, reward
+    _free_memory()
+    return values
+
+
+# -------------------------------------------------------------------------------------------------------- run
+
+
+def distill(*, teacher: str, run, split: str | None = None, limit: int | None = None, num_samples: int = 1,
+            select: str = "best", score: bool = True, keep_unclosed: bool = False,
+            max_student_tokens: int | None = None, backend: str = "hf",
+            temperature: float | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
+            seed: int | None = None, kv_cache_memory_bytes: int = 1 << 30) -> tuple[list[dict], dict]:
+    """``(rows, summary)`` for `teacher` (a model dir, hub id, `rlt:` name or LoRA adapter dir) under the RLT
+    run config `run` (see `load_run_config`). `split` defaults to the run's ``train_split``, `temperature` and
+    `max_new_tokens` to the run's sampling ``temperature`` and ``max_completion_length``; `limit` keeps the first N
+    usable rows; `max_student_tokens` drops (and counts) rows whose student chat is longer, which SFT would
+    otherwise truncate, solution first. Raises `RltError` subclasses for bad options, data or models."""
+    from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets, student_messages
+
+    temperature = run.temperature if temperature is None else temperature
+    max_new_tokens = run.max_completion_length if max_new_tokens is None else max_new_tokens
+    seed = run.seed if seed is None else seed
+    split = split or run.train_split
+    _check_options(limit=limit, num_samples=num_samples, max_student_tokens=max_student_tokens, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                   temperature=temperature, select=select, backend=backend, score=score)
+    fmt = get_teacher_format(run.teacher_format)
+
+    # ---- data first: its errors come before any weights load (the tokenizer is the teacher's)
+    ds, _ = prepare_teacher_datasets(
+        run.dataset_id_or_path, mode="rl", tokenizer=_teacher_tokenizer(teacher, run), fmt=fmt,
+        columns=run.data_columns, split=split, data_format=run.teacher_data_format,
+        max_prompt_tokens=run.max_prompt_length, synthetic=run.synthetic, subset=run.dataset_subset, seed=run.seed)
+    rows = ds.select(range(min(limit, len(ds)))).to_list() if limit is not None else ds.to_list()
+    prompts = [r["prompt"] for r in rows]
+
+    # ---- generate, then score (one model set on the device at a time)
+    logger.info("Sampling %d explanation(s) for each of %d rows (%s backend, temperature %s, up to %d tokens)",
+                num_samples, len(rows), backend, temperature, max_new_tokens)
+    tokenizer, ids = _generate(teacher, run, prompts, backend=backend, num_samples=num_samples,
+                               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes)
+    texts = [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
+    explanations = [[parse_explanation(t, fmt) for t in row] for row in texts]
+    rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids) if score else \
+        [[None] * len(row) for row in ids]
+
+    # ---- keep one sample per row
+    out: list[dict] = []
+    dropped = too_long = 0
+    for index, (row, exps, rs) in enumerate(zip(rows, explanations, rewards, strict=True)):
+        pick = pick_sample(exps, rs, select=select, keep_unclosed=keep_unclosed)
+        if pick is None:
+            dropped += 1
+            continue
+        e = exps[pick]
+        messages = student_messages(row["question"], e.text, row["solution"], fmt)
+        if max_student_tokens is not None and len(tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True)["input_ids"]) > max_student_tokens:
+            too_long += 1
+            continue
+        out.append({
+            "question": row["question"], "solution": row["solution"], "reasoning_trace": e.text.strip(),
+            "messages": messages,
+            "teacher_reward": rs[pick], "closed": e.closed, "samples": len(exps),
+            "samples_closed": sum(x.closed and not x.blank for x in exps), "source_index": index,
+        })
+    if not out:
+        from rlt.errors import DataError
+
+        raise DataError(f"none of the {len(rows)} rows was kept: {dropped} had no closed explanation in "
+                        f"{num_samples} sample(s), {too_long} were over max_student_tokens={max_student_tokens}; "
+                        "more samples (--num-samples), a longer max_completion_length, --keep-unclosed or a larger "
+                        "--max-student-tokens")
+    all_rewards = [v for row in rewards for v in row if v is not None and math.isfinite(v)]
+    kept_rewards = [r["teacher_reward"] for r in out if r["teacher_reward"] is not None]
+    summary = {
+        "teacher": str(teacher), "data": str(run.dataset_id_or_path), "split": split, "rows": len(rows),
+        "kept": len(out), "dropped_no_closed_explanation": dropped, "dropped_too_long": too_long,
+        "max_student_tokens": max_student_tokens, "num_samples": num_samples,
+        "samples_closed": sum(e.closed and not e.blank for row in explanations for e in row),
+        "select": select if score or select == "first" else "first", "backend": backend,
+        "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+        "mean_reward_all_samples": sum(all_rewards) / len(all_rewards) if all_rewards else None,
+        "mean_reward_kept": sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,
+        "teacher_format": fmt.fingerprint,
+    }
+    return out, summary
+
+
+def _teacher_tokenizer(teacher: str, run):
+    """The teacher's tokenizer (a LoRA adapter's own, else its base model's), as `load_eval_model` loads it."""
+    from rlt.evaluate import _adapter_base, is_lora_adapter
+    from rlt.models import load_tokenizer
+
+    path = Path(teacher).expanduser()
+    if is_lora_adapter(teacher) and not (path / "tokenizer_config.json").is_file():
+        teacher = _adapter_base(path)
+    return load_tokenizer(teacher, revision=run.model_revision, trust_remote_code=run.trust_remote_code,
+                          pad_token=run.pad_token)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """`rows` as JSON lines through a temp file in the same directory + ``os.replace`` (never half-written)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlt.distill", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--teacher", required=True,
+                        help="the teacher: an RLT run's final/ or checkpoint-N/ dir (or the run dir), a model dir, "
+                             "hub id, rlt: name or LoRA adapter dir")
+    parser.add_argument("--run-cfg", default=None,
+                        help="take the data, tags and reward from cfgs/run_cfg/NAME instead of the teacher's run")
+    parser.add_argument("--split", default=None, help="data split (default: the run's train_split)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N usable rows only")
+    parser.add_argument("--num-samples", type=int, default=1, help="explanations sampled per row")
+    parser.add_argument("--select", choices=SELECTIONS, default="best",
+                        help="which closed explanation of a row to keep: the best by the teacher reward, or the first")
+    parser.add_argument("--no-score", action="store_true", help="skip the teacher reward (no student forward)")
+    parser.add_argument("--keep-unclosed", action="store_true",
+                        help="keep a row whose explanations never close (its best sample, cut where it stopped)")
+    parser.add_argument("--max-student-tokens", type=int, default=None,
+                        help="drop rows whose student chat is longer (SFT would truncate them; use its max_length)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the run's temperature (0 = greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_completion_length")
+    parser.add_argument("--batch-size", type=int, default=16, help="HF backend: sequences per generate call")
+    parser.add_argument("--backend", choices=BACKENDS, default="hf")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="vLLM on CPU: KV cache size")
+    parser.add_argument("--seed", type=int, default=None, help="default: the run's seed")
+    parser.add_argument("--output", default=None,
+                        help="JSON-lines path (default results/distill/<teacher>__<data>__<split>.jsonl)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config keys to override")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
+    from rlt.evaluate import _shorten, write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from rlt.config import register_defaults
+
+        register_defaults()
+        run = load_run_config(args.teacher, run_cfg=args.run_cfg, overrides=args.overrides)
+        teacher = teacher_model_dir(args.teacher)
+        from rlt.models import check_local_paths, missing_local_model
+
+        if (problem := missing_local_model(teacher)) is not None:
+            raise ConfigError(f"--teacher {teacher}: {problem}")
+        if not args.no_score:
+            check_local_paths(run)  # the student (the run's student_model, else its initial model) must exist
+        rows, summary = distill(
+            teacher=teacher, run=run, split=args.split, limit=args.limit, num_samples=args.num_samples,
+            select=args.select, score=not args.no_score, keep_unclosed=args.keep_unclosed,
+            max_student_tokens=args.max_student_tokens, backend=args.backend,
+            temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            seed=args.seed, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+        output = Path(args.output or default_output_path(teacher, str(run.dataset_id_or_path), summary["split"]))
+        try:
+            path = write_jsonl_atomic(output, rows)
+            write_json_atomic(output.with_name(output.name + ".summary.json"), {**summary, "output": str(path)})
+        except OSError as e:
+            raise ConfigError(f"cannot write the distilled data to {output}: {e}") from e
+    except RltError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    mean = summary["mean_reward_kept"]
+    print(f"{summary['teacher']} on {summary['data']} [{summary['split']}]: kept {summary['kept']} of "
+          f"{summary['rows']} rows ({summary['dropped_no_closed_explanation']} without a closed explanation, "
+          f"{summary['dropped_too_long']} over max_student_tokens; "
+          f"{summary['samples_closed']} of {summary['rows'] * summary['num_samples']} samples closed)"
+          + (f", mean teacher reward of the kept {mean:.4f}" if mean is not None else ""))
+    for row in rows[:2]:
+        print(f"- question: {_shorten(row['question'])}\n  explanation: {_shorten(row['reasoning_trace'])}\n"
+              f"  solution: {_shorten(row['solution'])}  reward: {row['teacher_reward']}")
+    print(f"data: {path}  (train a student: ./launch_mono.sh student_sft_tiny.yaml dataset_id_or_path={path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Distillation data from an RLT teacher (`rlt.distill`): explanation parsing and sample choice (hand-worked), the
+run config a trained teacher brings, scoring through the run's reward, the whole RLT -> distill -> student SFT path
+on the tiny models (hf and vllm), and the one-line errors of the CLI."""
+
+import json
+
+import pytest
+
+from rlt.data.formats import to_sft_example
+from rlt.data.teacher import (
+    TeacherRow,
+    get_teacher_format,
+    student_answer,
+    student_chat,
+    student_messages,
+    teacher_rl_prompt,
+)
+from rlt.distill import (
+    Explanation,
+    find_run_config,
+    load_run_config,
+    main,
+    parse_explanation,
+    pick_sample,
+    teacher_model_dir,
+)
+from rlt.errors import ConfigError, DataError
+from rlt.train import run_training
+
+STRATOS = get_teacher_format("stratos")
+
+
+def test_parse_explanation_hand_worked():
+    """The prompt ended with ``<|begin_of_explanation|>\\n\\n``: the explanation is that padding + the text up to
+    the first close tag; what follows the tag is dropped."""
+    assert parse_explanation("Add 2 and 2.\n\n<|end_of_explanation|><|im_end|>", STRATOS) == \
+        Explanation("\n\nAdd 2 and 2.\n\n", True, False)
+    assert parse_explanation("Add", STRATOS) == Explanation("\n\nAdd", False, False)  # stopped at the length limit
+    assert parse_explanation("  <|end_of_explanation|> more", STRATOS) == Explanation("\n\n  ", True, True)
+    assert parse_explanation("a<|end_of_explanation|>b<|end_of_explanation|>", STRATOS).text == "\n\na"
+    r1 = get_teacher_format("r1")
+    assert parse_explanation("x</explanation>", r1) == Explanation("\n\nx", True, False)
+
+
+def test_pick_sample_hand_worked():
+    closed, unclosed, blank = (Explanation("\n\nx", True, False), Explanation("\n\nx", False, False),
+                               Explanation("\n\n", True, True))
+    # sample 0 scores highest but never closed its explanation; sample 2 beats sample 1
+    assert pick_sample([unclosed, closed, closed], [9.0, -2.0, -1.5]) == 2
+    assert pick_sample([unclosed, closed, closed], [9.0, -2.0, -1.5], select="first") == 1
+    assert pick_sample([unclosed, unclosed], [1.0, 2.0]) is None
+    assert pick_sample([unclosed, unclosed], [1.0, 2.0], keep_unclosed=True) == 1
+    assert pick_sample([blank, closed], [5.0, -3.0]) == 1  # a blank explanation is never kept
+    assert pick_sample([blank], [5.0], keep_unclosed=True) is None
+    assert pick_sample([closed, closed], [float("nan"), -4.0]) == 1  # a NaN reward loses to any finite one
+    assert pick_sample([closed, closed], [None, None]) == 0  # unscored: the first
+    assert pick_sample([closed, closed], [-1.0, -1.0]) == 0  # ties: the earliest
+
+
+def test_student_answer_and_messages_are_the_chat_the_reward_scores(tiny_model_path):
+    from rlt.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_path)
+    assert student_answer("\n\nAdd.\n\n", "4", STRATOS) == (
+        "<|begin_of_thought|>\n\nAdd.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4\n\n<|end_of_solution|>")
+    explanation = parse_explanation("Two plus two is four.\n\n<|end_of_explanation|>", STRATOS).text
+    messages = student_messages("What is 2 + 2? ", explanation, " 4", STRATOS)
+    # the SFT loader (data_format=messages) turns the row into prompt/completion; rendered, it is the student chat
+    sft = to_sft_example({"messages": messages}, data_format="messages", columns={"messages": "messages"},
+                         system_prompt=None)
+    rendered = tok.apply_chat_template(sft["prompt"] + sft["completion"], tokenize=False)
+    assert rendered == student_chat("What is 2 + 2? ", explanation, " 4", STRATOS, tok)
+
+
+def test_run_config_of_a_trained_teacher(tmp_path, compose):
+    run_dir = tmp_path / "teacher_run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "checkpoint-3").mkdir()
+    assert find_run_config(str(tmp_path)) is None
+    from rlt.config import to_yaml, validate
+
+    (run_dir / "config.yaml").write_text(to_yaml(validate(compose(["run_cfg=teacher_rlt_tiny"]))))
+    for teacher in (run_dir, run_dir / "final", run_dir / "checkpoint-3"):
+        assert find_run_config(str(teacher)) == run_dir / "config.yaml"
+    assert teacher_model_dir(str(run_dir)) == str(run_dir / "final")
+    assert teacher_model_dir(str(run_dir / "checkpoint-3")) == str(run_dir / "checkpoint-3")
+    run = load_run_config(str(run_dir / "final"), overrides=["temperature=0.9", "answer_log_prob_coeff=[2.0,0.0]"])
+    assert run.temperature == 0.9 and run.answer_log_prob_coeff == [2.0, 0.0]
+    assert run.teacher_data_format == "gsm8k"  # the run's data settings come along
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load_run_config(str(run_dir / "final"), overrides=["no_such_key=1"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_run_config(str(run_dir / "final"), overrides=["temperature=-1"])
+    with pytest.raises(ConfigError, match="no run config.*--run-cfg"):
+        load_run_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="algorithm=sft"):
+        load_run_config("rlt:tiny", run_cfg="tiny_sft")
+    assert load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["max_completion_length=8"]) \
+        .max_completion_length == 8
+
+
+def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_path):
+    """Generation replaced by fixed completions: each sample's score equals the run's `TeacherKLReward` (its keys,
+    its student = the run's initial model) on the same ids, and the best closed sample is kept."""
+    import rlt.distill as distill_mod
+    from rlt.models import load_model, load_tokenizer
+    from rlt.rewards.teacher import TeacherKLReward
+
+    run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
+                          overrides=["answer_log_prob_coeff=[1.0,0.5]", "kl_penalty_reward_coeff=[0.5,0.1]"])
+    tok = load_tokenizer(tiny_model_path)
+    texts = ["one plus two<|end_of_explanation|>", "it is three", "three<|end_of_explanation|>"]
+    fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    monkeypatch.setattr(distill_mod, "_generate", lambda *a, **k: (tok, [list(fixed) for _ in a[2]]))
+    rows, summary = distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3)
+    assert summary["rows"] == 2 and summary["kept"] == 2 and summary["samples_closed"] == 4
+
+    model = load_model("rlt:tiny", tokenizer=tok)
+    reward = TeacherKLReward(model, tok, model, teacher_format=run.teacher_format, temperature=run.temperature,
+                             **{k: getattr(run, k) for k in distill_mod.REWARD_KEYS})
+    for row in rows:
+        rl = teacher_rl_prompt(TeacherRow(question=row["question"], solution=row["solution"], trace=None),
+                               get_teacher_format(run.teacher_format), tok)
+        expected = reward([rl["prompt"]] * 3, completion_ids=fixed, question=[row["question"]] * 3,
+                          solution=[row["solution"]] * 3)
+        best = max((expected[0], 0), (expected[2], 2))
+        assert row["teacher_reward"] == pytest.approx(best[0], abs=1e-5)
+        assert row["reasoning_trace"] == ("one plus two" if best[1] == 0 else "three")
+        assert row["samples"] == 3 and row["samples_closed"] == 2 and row["closed"]
+
+    # a student chat over max_student_tokens is dropped and counted (SFT would truncate its solution)
+    fmt = get_teacher_format(run.teacher_format)
+    first = parse_explanation(texts[0], fmt).text
+    lengths = [len(tok.apply_chat_template(student_messages(r["question"], first, r["solution"], fmt),
+                                           tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    for limit, kept in ((max(lengths), 2), (min(lengths), 1 if min(lengths) < max(lengths) else 2)):
+        _, summary = distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3, score=False,
+                                         select="first", max_student_tokens=limit)
+        assert (summary["kept"], summary["dropped_too_long"]) == (kept, 2 - kept)
+    with pytest.raises(DataError, match="none of the 2 rows was kept: 0 had no closed explanation in 3 sample"):
+        distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3, score=False, select="first",
+                            max_student_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    """A 2-step RLT run of the tiny teacher (its run dir: config.yaml + final/)."""
+    from hydra import compose, initialize_config_dir
+
+    from rlt.config import register_defaults
+    from tests.conftest import REPO
+
+    register_defaults()
+    out = tmp_path_factory.mktemp("teacher_rlt")
+    with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "run_cfg=teacher_rlt_tiny", "max_steps=2", "save_steps=2", "train_batch_size=8",
+            "per_device_train_batch_size=4", "num_generations=4", "max_completion_length=16", f"output_dir={out}"])
+    run_training(cfg)
+    return out
+
+
+def _distill_then_student(tmp_path, teacher_dir, capsys, *extra):
+    output = tmp_path / "distilled.jsonl"
+    status = main(["--teacher", str(teacher_dir / "final"), "--limit", "6", "--num-samples", "2",
+                   "--keep-unclosed", "--output", str(output), *extra])
+    assert status == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    summary = json.loads((tmp_path / "distilled.jsonl.summary.json").read_text())
+    assert summary["kept"] == len(rows) == 6 and summary["num_samples"] == 2
+    assert summary["max_new_tokens"] == 16  # the run's max_completion_length
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        assert row["messages"][2]["content"].startswith("<|begin_of_thought|>")
+        assert row["messages"][2]["content"].endswith(f"\n\n{row['solution']}\n\n<|end_of_solution|>")
+        assert isinstance(row["teacher_reward"], float)
+    assert "kept 6 of 6 rows" in capsys.readouterr().out
+    # the student trains on it with the shipped run config
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "run_cfg=student_sft_tiny", f"dataset_id_or_path={output}", "max_steps=2", "save_steps=2",
+            "train_batch_size=4", "per_device_train_batch_size=4", f"output_dir={tmp_path / 'student'}"])
+    summary = run_training(cfg)
+    assert summary["global_step"] == 2
+    return rows
+
+
+def test_rlt_teacher_to_distilled_data_to_student_hf(tmp_path, trained_teacher, capsys):
+    _distill_then_student(tmp_path, trained_teacher, capsys)
+
+
+@pytest.mark.vllm
+def test_rlt_teacher_to_distilled_data_vllm(tmp_path, trained_teacher, capsys):
+    pytest.importorskip("vllm")
+    _distill_then_student(tmp_path, trained_teacher, capsys, "--backend", "vllm",
+                          "--kv-cache-memory-bytes", str(64 << 20))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "rlt:tiny"], "no run config"),
+    (["--teacher", "results/no_such_run/final", "--run-cfg", "teacher_rlt_tiny"], "there is no directory"),
+    (["--teacher", "rlt:tiny", "--run-cfg", "teacher_rlt_tiny", "--num-samples", "2", "--temperature", "0"],
+     "needs temperature > 0"),
+    (["--teacher", "rlt:tiny", "--run-cfg", "teacher_rlt_tiny", "--num-samples", "2", "--no-score"],
+     "select=best among several samples needs the teacher reward"),
+    (["--teacher", "rlt:tiny", "--run-cfg", "teacher_rlt_tiny", "nope=1"], "nope"),
+    (["--teacher", "rlt:tiny", "--run-cfg", "teacher_rlt_tiny", "dataset_id_or_path=/nonexistent/x.jsonl"],
+     "does not exist"),
+    (["--teacher", "rlt:tiny", "--run-cfg", "no_such_run_cfg"], "no_such_run_cfg"),
+])
+def test_cli_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
