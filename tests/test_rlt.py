@@ -47,16 +47,16 @@ def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
 
 def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path, monkeypatch):
     """Also: teacher_reward_tokens_per_forward reaches the reward, whose forwards then stay within it."""
-    from rlt.rewards.teacher import TeacherKLReward
+    from rlt.rewards.scoring import TokenScorer
 
     sizes: list[int] = []
-    original = TeacherKLReward._forward
+    original = TokenScorer._forward
 
     def forward(model, keep_ok, keep, **kwargs):
         sizes.append(kwargs["input_ids"].numel())
         return original(model, keep_ok, keep, **kwargs)
 
-    monkeypatch.setattr(TeacherKLReward, "_forward", staticmethod(forward))
+    monkeypatch.setattr(TokenScorer, "_forward", staticmethod(forward))
     summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "beta=0.0", "max_steps=2",
                    "teacher_reward_tokens_per_forward=96")
     assert summary["global_step"] == 2
