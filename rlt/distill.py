@@ -21,8 +21,9 @@ explanation is dropped and counted (``--keep-unclosed`` keeps its best sample, c
 Output: one JSON line per kept row, written atomically: ``question``, ``solution``, ``reasoning_trace`` (the
 explanation, stripped), ``messages`` (system = the student prompt, user = question, assistant = thought +
 solution: exactly the chat the reward scored; ``data_format=messages`` trains on it), ``teacher_reward``,
-``closed``, ``samples``, ``samples_closed``, ``source_index``; and ``<output>.summary.json``. Bad input ends with
-a one-line error and exit status 2.
+``closed``, ``samples``, ``samples_closed``, ``source_index``; and ``<output>.summary.json``. Rows go in chunks
+(``--chunk-rows``); finished chunks wait in ``<output>.parts/`` until the end, so rerunning a killed command
+resumes after its last finished chunk. Bad input ends with a one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -139,8 +141,10 @@ def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequ
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
 
+        from rlt.config import register_defaults
         from rlt.train import CONFIG_DIR, _composition_error
 
+        register_defaults()
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -171,10 +175,11 @@ def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequ
     return run
 
 
-def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_new_tokens, temperature, select, backend, score) -> None:
+def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_new_tokens, temperature, select, backend,
+                   score, chunk_rows) -> None:
     problems = []
     for name, value in (("limit", limit), ("num_samples", num_samples), ("max_student_tokens", max_student_tokens),
-                        ("batch_size", batch_size),
+                        ("batch_size", batch_size), ("chunk_rows", chunk_rows),
                         ("max_new_tokens", max_new_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             problems.append(f"{name} must be an integer >= 1, got {value!r}")
@@ -269,21 +274,33 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
             select: str = "best", score: bool = True, keep_unclosed: bool = False,
             max_student_tokens: int | None = None, backend: str = "hf",
             temperature: float | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
-            seed: int | None = None, kv_cache_memory_bytes: int = 1 << 30) -> tuple[list[dict], dict]:
+            seed: int | None = None, kv_cache_memory_bytes: int = 1 << 30, chunk_rows: int = 512,
+            work_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
     """``(rows, summary)`` for `teacher` (a model dir, hub id, `rlt:` name or LoRA adapter dir) under the RLT
     run config `run` (see `load_run_config`). `split` defaults to the run's ``train_split``, `temperature` and
     `max_new_tokens` to the run's sampling ``temperature`` and ``max_completion_length``; `limit` keeps the first N
     usable rows; `max_student_tokens` drops (and counts) rows whose student chat is longer, which SFT would
-    otherwise truncate, solution first. Raises `RltError` subclasses for bad options, data or models."""
-    from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets, student_messages
+    otherwise truncate, solution first.
+
+    Rows are processed in chunks of `chunk_rows` (generate, free the engine, score, free the models), chunk ``c``
+    sampled with seed ``seed + c``. With `work_dir`, each finished chunk is saved there atomically and a rerun with
+    the same settings skips it (a killed run resumes); other settings in the same dir are an error. Raises
+    `RltError` subclasses for bad options, data or models."""
+    from rlt.config import to_yaml
+    from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets
 
     temperature = run.temperature if temperature is None else temperature
     max_new_tokens = run.max_completion_length if max_new_tokens is None else max_new_tokens
     seed = run.seed if seed is None else seed
     split = split or run.train_split
-    _check_options(limit=limit, num_samples=num_samples, max_student_tokens=max_student_tokens, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                   temperature=temperature, select=select, backend=backend, score=score)
+    _check_options(limit=limit, num_samples=num_samples, max_student_tokens=max_student_tokens,
+                   batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature, select=select,
+                   backend=backend, score=score, chunk_rows=chunk_rows)
     fmt = get_teacher_format(run.teacher_format)
+    settings = dict(teacher=str(teacher), split=split, limit=limit, num_samples=num_samples, select=select,
+                    score=score, keep_unclosed=keep_unclosed, max_student_tokens=max_student_tokens, backend=backend,
+                    temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, chunk_rows=chunk_rows)
+    parts = _Parts(work_dir, {**settings, "run_config": to_yaml(run)}) if work_dir is not None else None
 
     # ---- data first: its errors come before any weights load (the tokenizer is the teacher's)
     ds, _ = prepare_teacher_datasets(
@@ -291,60 +308,119 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
         columns=run.data_columns, split=split, data_format=run.teacher_data_format,
         max_prompt_tokens=run.max_prompt_length, synthetic=run.synthetic, subset=run.dataset_subset, seed=run.seed)
     rows = ds.select(range(min(limit, len(ds)))).to_list() if limit is not None else ds.to_list()
-    prompts = [r["prompt"] for r in rows]
 
-    # ---- generate, then score (one model set on the device at a time)
-    logger.info("Sampling %d explanation(s) for each of %d rows (%s backend, temperature %s, up to %d tokens)",
-                num_samples, len(rows), backend, temperature, max_new_tokens)
-    tokenizer, ids = _generate(teacher, run, prompts, backend=backend, num_samples=num_samples,
+    out: list[dict] = []
+    stats: dict[str, float] = dict(dropped=0, too_long=0, closed=0, reward_sum=0.0, reward_n=0)
+    chunks = range(0, len(rows), chunk_rows)
+    for c, start in enumerate(chunks):
+        done = parts.load(c) if parts is not None else None
+        if done is not None:
+            logger.info("Chunk %d of %d (rows %d-%d): done before, kept from %s", c + 1, len(chunks), start,
+                        start + chunk_rows - 1, parts.root)
+        else:
+            logger.info("Chunk %d of %d (rows %d-%d): sampling %d explanation(s) per row (%s, temperature %s, up to "
+                        "%d tokens)", c + 1, len(chunks), start, start + chunk_rows - 1, num_samples, backend,
+                        temperature, max_new_tokens)
+            done = _distill_chunk(teacher, run, fmt, rows[start:start + chunk_rows], start, seed=seed + c,
+                                  **{k: settings[k] for k in ("num_samples", "select", "score", "keep_unclosed",
+                                                              "max_student_tokens", "backend", "temperature",
+                                                              "max_new_tokens")},
+                                  batch_size=batch_size, kv_cache_memory_bytes=kv_cache_memory_bytes)
+            if parts is not None:
+                parts.save(c, *done)
+        out += done[0]
+        for k, v in done[1].items():
+            stats[k] += v
+
+    if not out:
+        from rlt.errors import DataError
+
+        raise DataError(f"none of the {len(rows)} rows was kept: {stats['dropped']} had no closed explanation in "
+                        f"{num_samples} sample(s), {stats['too_long']} were over max_student_tokens="
+                        f"{max_student_tokens}; more samples (--num-samples), a longer max_completion_length, "
+                        "--keep-unclosed or a larger --max-student-tokens")
+    kept_rewards = [r["teacher_reward"] for r in out if r["teacher_reward"] is not None]
+    summary = {
+        "teacher": str(teacher), "data": str(run.dataset_id_or_path), "split": split, "rows": len(rows),
+        "kept": len(out), "dropped_no_closed_explanation": int(stats["dropped"]),
+        "dropped_too_long": int(stats["too_long"]), "samples_closed": int(stats["closed"]),
+        **{k: settings[k] for k in ("max_student_tokens", "num_samples", "backend", "temperature", "max_new_tokens",
+                                    "seed", "chunk_rows")},
+        "select": select,
+        "mean_reward_all_samples": stats["reward_sum"] / stats["reward_n"] if stats["reward_n"] else None,
+        "mean_reward_kept": sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,
+        "teacher_format": fmt.fingerprint,
+    }
+    return out, summary
+
+
+def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samples, select, score, keep_unclosed,
+                   max_student_tokens, backend, temperature, max_new_tokens, batch_size, seed,
+                   kv_cache_memory_bytes) -> tuple[list[dict], dict[str, float]]:
+    """One chunk: generate, then score (one model set on the device at a time), then keep one sample per row."""
+    from rlt.data.teacher import student_messages
+
+    tokenizer, ids = _generate(teacher, run, [r["prompt"] for r in rows], backend=backend, num_samples=num_samples,
                                temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes)
     texts = [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
     explanations = [[parse_explanation(t, fmt) for t in row] for row in texts]
     rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids) if score else \
         [[None] * len(row) for row in ids]
-
-    # ---- keep one sample per row
     out: list[dict] = []
-    dropped = too_long = 0
+    finite = [v for row in rewards for v in row if v is not None and math.isfinite(v)]
+    stats = dict(dropped=0, too_long=0, closed=sum(e.closed and not e.blank for row in explanations for e in row),
+                 reward_sum=sum(finite), reward_n=len(finite))
     for index, (row, exps, rs) in enumerate(zip(rows, explanations, rewards, strict=True)):
         pick = pick_sample(exps, rs, select=select, keep_unclosed=keep_unclosed)
         if pick is None:
-            dropped += 1
+            stats["dropped"] += 1
             continue
         e = exps[pick]
         messages = student_messages(row["question"], e.text, row["solution"], fmt)
         if max_student_tokens is not None and len(tokenizer.apply_chat_template(
                 messages, tokenize=True, return_dict=True)["input_ids"]) > max_student_tokens:
-            too_long += 1
+            stats["too_long"] += 1
             continue
         out.append({
             "question": row["question"], "solution": row["solution"], "reasoning_trace": e.text.strip(),
-            "messages": messages,
-            "teacher_reward": rs[pick], "closed": e.closed, "samples": len(exps),
-            "samples_closed": sum(x.closed and not x.blank for x in exps), "source_index": index,
+            "messages": messages, "teacher_reward": rs[pick], "closed": e.closed, "samples": len(exps),
+            "samples_closed": sum(x.closed and not x.blank for x in exps), "source_index": offset + index,
         })
-    if not out:
-        from rlt.errors import DataError
+    return out, stats
 
-        raise DataError(f"none of the {len(rows)} rows was kept: {dropped} had no closed explanation in "
-                        f"{num_samples} sample(s), {too_long} were over max_student_tokens={max_student_tokens}; "
-                        "more samples (--num-samples), a longer max_completion_length, --keep-unclosed or a larger "
-                        "--max-student-tokens")
-    all_rewards = [v for row in rewards for v in row if v is not None and math.isfinite(v)]
-    kept_rewards = [r["teacher_reward"] for r in out if r["teacher_reward"] is not None]
-    summary = {
-        "teacher": str(teacher), "data": str(run.dataset_id_or_path), "split": split, "rows": len(rows),
-        "kept": len(out), "dropped_no_closed_explanation": dropped, "dropped_too_long": too_long,
-        "max_student_tokens": max_student_tokens, "num_samples": num_samples,
-        "samples_closed": sum(e.closed and not e.blank for row in explanations for e in row),
-        "select": select if score or select == "first" else "first", "backend": backend,
-        "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed,
-        "mean_reward_all_samples": sum(all_rewards) / len(all_rewards) if all_rewards else None,
-        "mean_reward_kept": sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,
-        "teacher_format": fmt.fingerprint,
-    }
-    return out, summary
+
+class _Parts:
+    """Finished chunks of a distillation in `root`: ``part-<c>.jsonl`` + ``part-<c>.stats.json`` (the stats file,
+    written last, marks a chunk done) and ``settings.json``, which a resumed run must match."""
+
+    def __init__(self, root: str | os.PathLike, settings: dict) -> None:
+        self.root = Path(root).expanduser()
+        path = self.root / "settings.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != settings:
+                changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise ConfigError(f"{self.root} holds the finished chunks of a distillation with other settings "
+                                  f"({', '.join(changed)} differ): delete it to start over, or rerun with the same "
+                                  "settings to resume")
+        else:
+            from rlt.evaluate import write_json_atomic
+
+            write_json_atomic(path, settings)
+
+    def load(self, c: int) -> tuple[list[dict], dict] | None:
+        stats = self.root / f"part-{c:05d}.stats.json"
+        if not stats.is_file():
+            return None
+        rows = [json.loads(line) for line in (self.root / f"part-{c:05d}.jsonl").read_text().splitlines() if line]
+        return rows, json.loads(stats.read_text())
+
+    def save(self, c: int, rows: list[dict], stats: dict) -> None:
+        from rlt.evaluate import write_json_atomic
+
+        write_jsonl_atomic(self.root / f"part-{c:05d}.jsonl", rows)
+        write_json_atomic(self.root / f"part-{c:05d}.stats.json", stats)
 
 
 def _teacher_tokenizer(teacher: str, run):
@@ -403,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="HF backend: sequences per generate call")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="vLLM on CPU: KV cache size")
-    parser.add_argument("--seed", type=int, default=None, help="default: the run's seed")
+    parser.add_argument("--chunk-rows", type=int, default=512,
+                        help="rows per chunk; each finished chunk is kept in <output>.parts/, so a killed run resumes")
+    parser.add_argument("--seed", type=int, default=None, help="default: the run's seed (chunk c: seed + c)")
     parser.add_argument("--output", default=None,
                         help="JSON-lines path (default results/distill/<teacher>__<data>__<split>.jsonl)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config keys to override")
@@ -429,18 +507,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--teacher {teacher}: {problem}")
         if not args.no_score:
             check_local_paths(run)  # the student (the run's student_model, else its initial model) must exist
+        output = Path(args.output or default_output_path(teacher, str(run.dataset_id_or_path),
+                                                         args.split or run.train_split))
+        work_dir = output.with_name(output.name + ".parts")  # finished chunks: a killed run resumes from them
         rows, summary = distill(
             teacher=teacher, run=run, split=args.split, limit=args.limit, num_samples=args.num_samples,
             select=args.select, score=not args.no_score, keep_unclosed=args.keep_unclosed,
             max_student_tokens=args.max_student_tokens, backend=args.backend,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            seed=args.seed, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
-        output = Path(args.output or default_output_path(teacher, str(run.dataset_id_or_path), summary["split"]))
+            seed=args.seed, kv_cache_memory_bytes=args.kv_cache_memory_bytes, chunk_rows=args.chunk_rows,
+            work_dir=work_dir)
         try:
             path = write_jsonl_atomic(output, rows)
             write_json_atomic(output.with_name(output.name + ".summary.json"), {**summary, "output": str(path)})
         except OSError as e:
             raise ConfigError(f"cannot write the distilled data to {output}: {e}") from e
+        shutil.rmtree(work_dir, ignore_errors=True)
     except RltError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -169,6 +169,7 @@ def _distill_then_student(tmp_path, teacher_dir, capsys, *extra):
     summary = json.loads((tmp_path / "distilled.jsonl.summary.json").read_text())
     assert summary["kept"] == len(rows) == 6 and summary["num_samples"] == 2
     assert summary["max_new_tokens"] == 16  # the run's max_completion_length
+    assert not (tmp_path / "distilled.jsonl.parts").exists()  # the finished chunks are gone once the output is written
     for row in rows:
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert row["messages"][2]["content"].startswith("<|begin_of_thought|>")
@@ -216,3 +217,33 @@ def test_cli_errors_are_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_a_killed_distillation_resumes_after_its_last_finished_chunk(tmp_path, monkeypatch):
+    """Chunks of 2 rows: killed in the third chunk, the rerun computes only that one and its output equals an
+    uninterrupted run's (chunk c is sampled with seed + c); other settings in the same dir are refused."""
+    import rlt.distill as distill_mod
+
+    run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["max_completion_length=8"])
+    options = dict(teacher="rlt:tiny", run=run, limit=6, num_samples=2, keep_unclosed=True, chunk_rows=2)
+    whole, summary = distill_mod.distill(**options)
+    assert summary["rows"] == 6 and [r["source_index"] for r in whole] == list(range(6))
+
+    original, calls = distill_mod._distill_chunk, []
+
+    def chunk(*args, **kwargs):
+        calls.append(args[4])  # the chunk's first row
+        if args[4] == 4 and len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third chunk
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "_distill_chunk", chunk)
+    work = tmp_path / "out.jsonl.parts"
+    with pytest.raises(KeyboardInterrupt):
+        distill_mod.distill(**options, work_dir=work)
+    assert sorted(p.name for p in work.glob("part-*.stats.json")) == ["part-00000.stats.json", "part-00001.stats.json"]
+    resumed, resumed_summary = distill_mod.distill(**options, work_dir=work)
+    assert calls == [0, 2, 4, 4]  # only the unfinished chunk ran again
+    assert resumed == whole and resumed_summary == summary
+    with pytest.raises(ConfigError, match="num_samples differ"):
+        distill_mod.distill(**{**options, "num_samples": 3}, work_dir=work)
