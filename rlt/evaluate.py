@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
 DEFAULT_VLLM_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU cannot size its KV cache from free GPU memory
 REASONING_PROMPT_ALIAS = "@reasoning"  # --system-prompt @reasoning = rlt.data.formats.REASONING_SYSTEM_PROMPT
+STUDENT_PROMPT_ALIAS = "@student"  # the RLT student prompt: @student (stratos) or @student:<distilled .jsonl>
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -327,6 +328,31 @@ def _check_options(*, split: str, limit: int | None, k: int, num_samples: int, t
         raise ConfigError("; ".join(problems))
 
 
+def resolve_system_prompt(value: str | None) -> str | None:
+    """The system prompt a ``--system-prompt`` value names: ``@reasoning`` (the ``<reasoning>``/``<answer>`` format
+    prompt), ``@student`` (the RLT student prompt of the stratos format, what ``student_sft`` trains with),
+    ``@student:<file.jsonl>`` (the system turn of the first row of a `rlt.distill` output: the prompt a student was
+    trained on); any other text is the prompt itself. Raises `ConfigError` for an unreadable distilled file."""
+    if value == REASONING_PROMPT_ALIAS:
+        from rlt.data.formats import REASONING_SYSTEM_PROMPT
+
+        return REASONING_SYSTEM_PROMPT
+    if value == STUDENT_PROMPT_ALIAS:
+        from rlt.data.teacher import get_teacher_format
+
+        return get_teacher_format("stratos").student_system_prompt
+    if value is not None and value.startswith(STUDENT_PROMPT_ALIAS + ":"):
+        path = Path(value[len(STUDENT_PROMPT_ALIAS) + 1:]).expanduser()
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+            return next(m["content"] for m in first["messages"] if m["role"] == "system")
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+            raise ConfigError(f"--system-prompt {value}: cannot read the system turn of the first row of {path} "
+                              f"(a python -m rlt.distill output): {type(e).__name__}: {e}") from None
+    return value
+
+
 def _hf_backend(model: str, torch_dtype: str, stack: ExitStack):
     loaded, tokenizer = load_eval_model(model, torch_dtype=torch_dtype)
 
@@ -373,14 +399,12 @@ def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = 
     ``pass_at_k`` is the mean of `pass_at_k(num_samples, correct, k)` over problems. `limit` keeps the first N
     problems of the split, in file order. Raises `RltError` subclasses for bad options, data or models.
     """
-    from rlt.data.formats import REASONING_SYSTEM_PROMPT
     from rlt.data.loading import prepare_gsm8k_eval
 
     num_samples = k if num_samples is None else num_samples
     _check_options(split=split, limit=limit, k=k, num_samples=num_samples, temperature=temperature,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend)
-    if system_prompt == REASONING_PROMPT_ALIAS:
-        system_prompt = REASONING_SYSTEM_PROMPT
+    system_prompt = resolve_system_prompt(system_prompt)
     problems = prepare_gsm8k_eval(dataset_id_or_path=data, split=split, data_columns=data_columns,
                                   system_prompt=system_prompt)
     if limit is not None:
@@ -493,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
     parser.add_argument("--system-prompt", default=None,
                         help=f"system prompt, as in training (default none); {REASONING_PROMPT_ALIAS} = the "
-                             "<reasoning>/<answer> format prompt")
+                             f"<reasoning>/<answer> format prompt; {STUDENT_PROMPT_ALIAS} = the RLT student prompt, "
+                             f"{STUDENT_PROMPT_ALIAS}:FILE.jsonl = the one of a distilled file (rlt.distill)")
     parser.add_argument("--k", type=int, default=1, help="pass@k: with k > 1, also sample completions per problem")
     parser.add_argument("--num-samples", type=int, default=None, help="samples per problem for pass@k (default k)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pass@k")

@@ -187,7 +187,29 @@ def _distill_then_student(tmp_path, teacher_dir, capsys, *extra):
             "train_batch_size=4", "per_device_train_batch_size=4", f"output_dir={tmp_path / 'student'}"])
     summary = run_training(cfg)
     assert summary["global_step"] == 2
+    # and is evaluated with the system prompt it was trained on
+    from rlt.evaluate import main as evaluate_main
+
+    results = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(tmp_path / "student" / "final"), "--data", "synthetic:arithmetic",
+                          "--limit", "3", "--max-new-tokens", "8", "--system-prompt", f"@student:{output}",
+                          "--output", str(results)]) == 0
+    evaluated = json.loads(results.read_text())
+    assert evaluated["n"] == 3 and evaluated["system_prompt"] == rows[0]["messages"][0]["content"]
+    assert rows[0]["messages"][0]["content"] in evaluated["predictions"][0]["prompt"]
     return rows
+
+
+def test_student_system_prompt_aliases(tmp_path):
+    from rlt.evaluate import resolve_system_prompt
+
+    assert resolve_system_prompt("@student") == STRATOS.student_system_prompt
+    assert resolve_system_prompt("plain text") == "plain text" and resolve_system_prompt(None) is None
+    distilled = tmp_path / "d.jsonl"
+    distilled.write_text(json.dumps({"messages": student_messages("q", "\n\nx", "1", STRATOS)}) + "\n")
+    assert resolve_system_prompt(f"@student:{distilled}") == STRATOS.student_system_prompt
+    with pytest.raises(ConfigError, match="cannot read the system turn"):
+        resolve_system_prompt(f"@student:{tmp_path / 'missing.jsonl'}")
 
 
 def test_rlt_teacher_to_distilled_data_to_student_hf(tmp_path, trained_teacher, capsys):
