@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -23,15 +25,24 @@ COMPLETE_MARKER = ".rlt_complete"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> Path:
+    """Write `text` (a string, or pieces written in turn) to `path`, creating its directory, so that readers see
+    either the old file or the whole new one: a temp file beside it, fsync, ``os.replace``; the temp file is removed
+    if anything fails."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for piece in [text] if isinstance(text, str) else text:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def mark_complete(checkpoint_dir: str | Path) -> None:

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -436,21 +435,10 @@ def _teacher_tokenizer(teacher: str, run):
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
-    """`rows` as JSON lines through a temp file in the same directory + ``os.replace`` (never half-written)."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """`rows` as JSON lines, written atomically (`rlt.checkpoints.atomic_write_text`: never half-written)."""
+    from rlt.checkpoints import atomic_write_text
+
+    return atomic_write_text(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -490,11 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
-    from rlt.evaluate import _shorten, write_json_atomic
+    from rlt.evaluate import _shorten, parse_cli, write_json_atomic
 
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_cli(build_parser(), argv)
     try:
         from rlt.config import register_defaults
 

@@ -461,22 +461,11 @@ def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = 
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON to `path` through a temp file in the same directory + ``os.replace``: the file is either
-    the old one or complete, never half-written."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write `obj` as JSON to `path` atomically (`rlt.checkpoints.atomic_write_text`): the file is either the old
+    one or complete, never half-written."""
+    from rlt.checkpoints import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def default_output_path(model: str, data: str, split: str) -> Path:
@@ -534,11 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
-    args = build_parser().parse_args(argv)
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line of an rlt CLI, with INFO logging on stderr unless the caller configured logging."""
+    args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
+    args = parse_cli(build_parser(), argv)
     try:
         results = evaluate(model=args.model, data=args.data, split=args.split, limit=args.limit,
                            system_prompt=args.system_prompt, k=args.k, num_samples=args.num_samples,
