@@ -403,10 +403,7 @@ class _Parts:
                 raise ConfigError(f"{self.root} holds the finished chunks of a distillation with other settings "
                                   f"({', '.join(changed)} differ): delete it to start over, or rerun with the same "
                                   "settings to resume")
-        else:
-            from rlt.evaluate import write_json_atomic
-
-            write_json_atomic(path, settings)
+        self.settings = settings  # written with the first finished chunk: a run that fails before leaves nothing
 
     def load(self, c: int) -> tuple[list[dict], dict] | None:
         stats = self.root / f"part-{c:05d}.stats.json"
@@ -418,6 +415,8 @@ class _Parts:
     def save(self, c: int, rows: list[dict], stats: dict) -> None:
         from rlt.evaluate import write_json_atomic
 
+        if not (self.root / "settings.json").is_file():
+            write_json_atomic(self.root / "settings.json", self.settings)
         write_jsonl_atomic(self.root / f"part-{c:05d}.jsonl", rows)
         write_json_atomic(self.root / f"part-{c:05d}.stats.json", stats)
 

@@ -235,10 +235,12 @@ def test_rlt_teacher_to_distilled_data_vllm(tmp_path, trained_teacher, capsys):
      "does not exist"),
     (["--teacher", "rlt:tiny", "--run-cfg", "no_such_run_cfg"], "no_such_run_cfg"),
 ])
-def test_cli_errors_are_one_line(args, message, capsys):
+def test_cli_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "results").exists()  # nothing written (no chunk dir either)
 
 
 def test_a_killed_distillation_resumes_after_its_last_finished_chunk(tmp_path, monkeypatch):
