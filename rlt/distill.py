@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -116,11 +115,9 @@ def teacher_model_dir(teacher: str) -> str:
 
 def default_output_path(teacher: str, data: str, split: str) -> Path:
     """``results/distill/<teacher>__<data>__<split>.jsonl``, every name flattened to ``[A-Za-z0-9._-]``."""
+    from rlt import evaluate
 
-    def slug(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "x"
-
-    return Path("results") / "distill" / f"{slug(teacher)}__{slug(data)}__{slug(split)}.jsonl"
+    return evaluate.default_output_path(teacher, data, split, kind="distill", suffix=".jsonl")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -137,23 +134,9 @@ def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequ
     if bad:
         raise ConfigError(f"expected key=value overrides, got {bad}")
     if run_cfg is not None:
-        from hydra import compose, initialize_config_dir
-        from hydra.core.global_hydra import GlobalHydra
+        from rlt.distributed import compose_validated
 
-        from rlt.config import register_defaults
-        from rlt.train import CONFIG_DIR, _composition_error
-
-        register_defaults()
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                cfg = compose(config_name="train", overrides=[f"run_cfg={run_cfg}", *overrides])
-        except Exception as e:  # hydra / omegaconf composition errors: unknown key or run_cfg, bad value
-            if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-                raise
-            raise ConfigError(f"run_cfg={run_cfg}: " + _composition_error(e)) from None
-        finally:
-            GlobalHydra.instance().clear()
+        run = compose_validated(run_cfg, list(overrides))  # as `python -m rlt.train run_cfg=... overrides` would
         source = f"run_cfg={run_cfg}"
     else:
         path = find_run_config(teacher)
@@ -167,7 +150,7 @@ def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequ
         except Exception as e:  # noqa: BLE001 - omegaconf parse errors of an override
             raise ConfigError(f"cannot apply the overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
         source = str(path)
-    run = validate(cfg)
+        run = validate(cfg)
     if run.algorithm != "rlt":
         raise ConfigError(f"{source} is an algorithm={run.algorithm} run: distillation needs an RLT teacher's config "
                           "(trainer_cfg=teacher_grpo), e.g. --run-cfg teacher_rlt_tiny")
@@ -250,17 +233,18 @@ def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[i
                              temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
                              tokens_per_forward=run.teacher_reward_tokens_per_forward, reuse_sampling_logprobs=False,
                              **{k: getattr(run, k) for k in REWARD_KEYS})
-    flat = [(r, s) for r in range(len(rows)) for s in range(len(ids[r]))]
-    values: list[list[float]] = [[math.nan] * len(ids[r]) for r in range(len(rows))]
-    chunk = max(run.teacher_reward_batch_size * 4, 1)  # progress and bounded host memory on long datasets
-    for start in range(0, len(flat), chunk):
-        part = flat[start:start + chunk]
-        got = reward([rows[r]["prompt"] for r, _ in part], completion_ids=[ids[r][s] for r, s in part],
-                     question=[rows[r]["question"] for r, _ in part], solution=[rows[r]["solution"] for r, _ in part],
-                     teacher_format=[rows[r]["teacher_format"] for r, _ in part])
-        for (r, s), v in zip(part, got, strict=True):
-            values[r][s] = float(v)
-        logger.info("Scored %d of %d samples", min(start + chunk, len(flat)), len(flat))
+    n = len(ids[0])  # samples per row
+    rows_per_call = max(1, run.teacher_reward_batch_size * 4 // n)  # whole rows: their samples share prefix forwards
+    values: list[list[float]] = []
+    for start in range(0, len(rows), rows_per_call):
+        part = range(start, min(start + rows_per_call, len(rows)))
+        got = reward([rows[r]["prompt"] for r in part for _ in range(n)],
+                     completion_ids=[sample for r in part for sample in ids[r]],
+                     question=[rows[r]["question"] for r in part for _ in range(n)],
+                     solution=[rows[r]["solution"] for r in part for _ in range(n)],
+                     teacher_format=[rows[r]["teacher_format"] for r in part for _ in range(n)])
+        values += [[float(v) for v in got[k:k + n]] for k in range(0, len(got), n)]
+        logger.info("Scored the samples of %d of %d rows", part[-1] + 1, len(rows))
     del teacher_model, student, reward
     _free_memory()
     return values
@@ -287,6 +271,7 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
     `RltError` subclasses for bad options, data or models."""
     from rlt.config import to_yaml
     from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets
+    from rlt.evaluate import load_eval_tokenizer
 
     temperature = run.temperature if temperature is None else temperature
     max_new_tokens = run.max_completion_length if max_new_tokens is None else max_new_tokens
@@ -303,7 +288,7 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
 
     # ---- data first: its errors come before any weights load (the tokenizer is the teacher's)
     ds, _ = prepare_teacher_datasets(
-        run.dataset_id_or_path, mode="rl", tokenizer=_teacher_tokenizer(teacher, run), fmt=fmt,
+        run.dataset_id_or_path, mode="rl", tokenizer=load_eval_tokenizer(teacher), fmt=fmt,
         columns=run.data_columns, split=split, data_format=run.teacher_data_format,
         max_prompt_tokens=run.max_prompt_length, synthetic=run.synthetic, subset=run.dataset_subset, seed=run.seed)
     rows = ds.select(range(min(limit, len(ds)))).to_list() if limit is not None else ds.to_list()
@@ -362,8 +347,9 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
     tokenizer, ids = _generate(teacher, run, [r["prompt"] for r in rows], backend=backend, num_samples=num_samples,
                                temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes)
-    texts = [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
-    explanations = [[parse_explanation(t, fmt) for t in row] for row in texts]
+    special = set(tokenizer.all_special_ids)
+    explanations = [[parse_explanation(_decode_like_the_reward(tokenizer, sample, special), fmt) for sample in row]
+                    for row in ids]
     rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids) if score else \
         [[None] * len(row) for row in ids]
     out: list[dict] = []
@@ -387,6 +373,15 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
             "samples_closed": sum(x.closed and not x.blank for x in exps), "source_index": offset + index,
         })
     return out, stats
+
+
+def _decode_like_the_reward(tokenizer, ids: list[int], special: set[int]) -> str:
+    """The completion's text as `TeacherKLReward` reads it: trailing special tokens (eos, end of turn) dropped, the
+    rest decoded verbatim, so the explanation kept is the one the reward scored."""
+    end = len(ids)
+    while end and ids[end - 1] in special:
+        end -= 1
+    return tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 class _Parts:
@@ -419,18 +414,6 @@ class _Parts:
             write_json_atomic(self.root / "settings.json", self.settings)
         write_jsonl_atomic(self.root / f"part-{c:05d}.jsonl", rows)
         write_json_atomic(self.root / f"part-{c:05d}.stats.json", stats)
-
-
-def _teacher_tokenizer(teacher: str, run):
-    """The teacher's tokenizer (a LoRA adapter's own, else its base model's), as `load_eval_model` loads it."""
-    from rlt.evaluate import _adapter_base, is_lora_adapter
-    from rlt.models import load_tokenizer
-
-    path = Path(teacher).expanduser()
-    if is_lora_adapter(teacher) and not (path / "tokenizer_config.json").is_file():
-        teacher = _adapter_base(path)
-    return load_tokenizer(teacher, revision=run.model_revision, trust_remote_code=run.trust_remote_code,
-                          pad_token=run.pad_token)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[dict]) -> Path:

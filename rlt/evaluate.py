@@ -270,6 +270,24 @@ def _adapter_base(adapter_dir: Path) -> str:
     return base
 
 
+def load_eval_tokenizer(name_or_path: str, **kwargs):
+    """The tokenizer `load_eval_model` uses (left padding): the model's, or a LoRA adapter dir's own if it has one,
+    else its base model's. `kwargs` go to `rlt.models.load_tokenizer`. Raises `ModelError`."""
+    from rlt.models import load_tokenizer
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if _looks_like_local_path(name) and not path.exists():
+        raise ModelError(f"model directory '{name}' does not exist (resolved to '{path.resolve()}')")
+    if is_lora_adapter(name) and not (path / "tokenizer_config.json").is_file():
+        base = _adapter_base(path)
+        try:
+            return load_tokenizer(base, padding_side="left", **kwargs)
+        except ModelError as e:
+            raise ModelError(f"LoRA adapter {path}: cannot load its base model {base!r}: {e}") from e
+    return load_tokenizer(name, padding_side="left", **kwargs)
+
+
 def load_eval_model(name_or_path: str, *, torch_dtype: str = "auto"):
     """``(model, tokenizer)`` ready for generation (eval mode, left padding).
 
@@ -277,21 +295,17 @@ def load_eval_model(name_or_path: str, *, torch_dtype: str = "auto"):
     merged (``PeftModel.from_pretrained(...).merge_and_unload()``); its tokenizer is the adapter dir's if it has one,
     else the base model's. Raises `ModelError` for a missing directory or a model that cannot be loaded.
     """
-    from rlt.models import load_model, load_tokenizer
+    from rlt.models import load_model
 
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if _looks_like_local_path(name) and not path.exists():
-        raise ModelError(f"model directory '{name}' does not exist (resolved to '{path.resolve()}')")
+    tokenizer = load_eval_tokenizer(name)
     if not is_lora_adapter(name):
-        tokenizer = load_tokenizer(name, padding_side="left")
         model = load_model(name, torch_dtype=torch_dtype, tokenizer=tokenizer)
         return model.eval(), tokenizer
 
     base = _adapter_base(path)
-    has_tokenizer = (path / "tokenizer_config.json").is_file()
     try:
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else base, padding_side="left")
         model = load_model(base, torch_dtype=torch_dtype, tokenizer=tokenizer)
     except ModelError as e:
         raise ModelError(f"LoRA adapter {path}: cannot load its base model {base!r}: {e}") from e
@@ -468,13 +482,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def default_output_path(model: str, data: str, split: str) -> Path:
-    """``results/eval/<model>__<data>__<split>.json`` with every name flattened to ``[A-Za-z0-9._-]``."""
+def default_output_path(model: str, data: str, split: str, *, kind: str = "eval", suffix: str = ".json") -> Path:
+    """``results/<kind>/<model>__<data>__<split><suffix>`` with every name flattened to ``[A-Za-z0-9._-]``."""
 
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "x"
 
-    return Path("results") / "eval" / f"{slug(model)}__{slug(data)}__{slug(split)}.json"
+    return Path("results") / kind / f"{slug(model)}__{slug(data)}__{slug(split)}{suffix}"
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

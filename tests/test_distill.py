@@ -99,15 +99,28 @@ def test_run_config_of_a_trained_teacher(tmp_path, compose):
         .max_completion_length == 8
 
 
+def test_reward_keys_are_those_the_reward_config_passes():
+    """distill builds the reward from the run's flat keys: the same keys reward_cfg/teacher_logprob_kl gives it."""
+    import yaml
+
+    from rlt.distill import REWARD_KEYS
+    from tests.conftest import REPO
+
+    entry = yaml.safe_load((REPO / "cfgs" / "reward_cfg" / "teacher_logprob_kl.yaml").read_text())["reward_funcs"][0]
+    assert sorted(REWARD_KEYS) == sorted(k for k in entry if k != "_target_")
+
+
 def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_path):
     """Generation replaced by fixed completions: each sample's score equals the run's `TeacherKLReward` (its keys,
-    its student = the run's initial model) on the same ids, and the best closed sample is kept."""
+    its student: here tiny-wide, another model than the teacher) on the same ids, and the best closed sample is
+    kept."""
     import rlt.distill as distill_mod
     from rlt.models import load_model, load_tokenizer
     from rlt.rewards.teacher import TeacherKLReward
 
     run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
-                          overrides=["answer_log_prob_coeff=[1.0,0.5]", "kl_penalty_reward_coeff=[0.5,0.1]"])
+                          overrides=["answer_log_prob_coeff=[1.0,0.5]", "kl_penalty_reward_coeff=[0.5,0.1]",
+                                     "student_model=rlt:tiny-wide", "not_matched_penalty=-2.0"])
     tok = load_tokenizer(tiny_model_path)
     texts = ["one plus two<|end_of_explanation|>", "it is three", "three<|end_of_explanation|>"]
     fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
@@ -115,14 +128,23 @@ def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_pat
     rows, summary = distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3)
     assert summary["rows"] == 2 and summary["kept"] == 2 and summary["samples_closed"] == 4
 
-    model = load_model("rlt:tiny", tokenizer=tok)
-    reward = TeacherKLReward(model, tok, model, teacher_format=run.teacher_format, temperature=run.temperature,
-                             **{k: getattr(run, k) for k in distill_mod.REWARD_KEYS})
+    teacher, student = load_model("rlt:tiny", tokenizer=tok), load_model("rlt:tiny-wide", tokenizer=tok)
+    keys = dict(answer_log_prob_coeff=[1.0, 0.5], kl_penalty_reward_coeff=[0.5, 0.1], not_matched_penalty=-2.0,
+                reduction_log_prob_fn=run.reduction_log_prob_fn, reduction_kl_fn=run.reduction_kl_fn,
+                unbias_student_log_probs_temp=run.unbias_student_log_probs_temp, clip_log_prob=run.clip_log_prob,
+                clip_kl=run.clip_kl, normalize_log_prob_fn=None, normalize_kl_fn=None)
+    reward = TeacherKLReward(student, tok, teacher, teacher_format=run.teacher_format, temperature=run.temperature,
+                             **keys)
+    as_own_student = TeacherKLReward(teacher, tok, teacher, teacher_format=run.teacher_format,
+                                     temperature=run.temperature, **keys)
     for row in rows:
         rl = teacher_rl_prompt(TeacherRow(question=row["question"], solution=row["solution"], trace=None),
                                get_teacher_format(run.teacher_format), tok)
         expected = reward([rl["prompt"]] * 3, completion_ids=fixed, question=[row["question"]] * 3,
                           solution=[row["solution"]] * 3)
+        wrong = as_own_student([rl["prompt"]] * 3, completion_ids=fixed, question=[row["question"]] * 3,
+                               solution=[row["solution"]] * 3)
+        assert abs(max(wrong[0], wrong[2]) - max(expected[0], expected[2])) > 1e-3  # the test tells students apart
         best = max((expected[0], 0), (expected[2], 2))
         assert row["teacher_reward"] == pytest.approx(best[0], abs=1e-5)
         assert row["reasoning_trace"] == ("one plus two" if best[1] == 0 else "three")
