@@ -259,7 +259,8 @@ def run_worker(args) -> dict:
             "step_cpu_seconds": timer.step_cpu_seconds, "setup_seconds": setup,
             "total_seconds": total, "trl_step_time": [h.get("step_time") for h in logged],
             "loss": [h.get("loss") for h in logged], "reward": [h.get("reward") for h in logged],
-            "mean_length": [h.get("completions/mean_length") for h in logged]}
+            "mean_length": [h.get("completions/mean_length") for h in logged],
+            "max_length": [h.get("completions/max_length") for h in logged]}
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -420,9 +421,10 @@ def print_report(summary: dict, args, info: dict, diff: dict, runs: list[dict]) 
     if "trl_and_ours_hf_same_losses" in summary:
         print(f"\ntrl and ours-hf logged the same per-step losses (same seeds, same work): "
               f"{summary['trl_and_ours_hf_same_losses']}")
-    lengths = {r["variant"]: r["mean_length"] for r in runs if r["round"] == 0}
-    print("mean completion length per step (round 0): "
-          + "; ".join(f"{v}: {[round(x, 1) for x in ls if x is not None]}" for v, ls in lengths.items()))
+    for key in ("mean_length", "max_length"):  # the work of a step scales with the padded (max) length
+        lengths = {r["variant"]: r.get(key, []) for r in runs if r["round"] == 0}
+        print(f"{key.replace('_', ' ')} of the completions per step (round 0): "
+              + "; ".join(f"{v}: {[round(x, 1) for x in ls if x is not None]}" for v, ls in lengths.items()))
     print("GRPOConfig fields where the hand-written TRL config differs from ours: "
           + (json.dumps(diff) if diff else "none"))
 

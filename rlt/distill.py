@@ -9,7 +9,7 @@ This is the step after RL in the RLT paper: the teacher sees each question with 
 explanation; the student is then fine-tuned on question -> thought (the explanation) + solution. Everything that
 shapes the data comes from the teacher's own run config (``config.yaml`` beside ``final/`` or ``checkpoint-N/``):
 the dataset and its columns, the tags and system prompts (`TeacherFormat`), the prompt-length limit, the sampling
-temperature and completion length, the reward keys and the student; ``key=value`` arguments override any of them
+(temperature, top_p / top_k / min_p, repetition penalty: what the teacher was trained with) and completion length, the reward keys and the student; ``key=value`` arguments override any of them
 (checked like a training run's), and ``--run-cfg NAME`` composes one from ``cfgs/`` for a teacher without a run.
 
 Each row is sampled ``--num-samples`` times. With scoring on (the default), every sample gets the run's teacher
@@ -186,9 +186,10 @@ def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_ne
 def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_samples: int, temperature: float,
               max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int):
     """``(tokenizer, ids per prompt per sample)``; the engine (vLLM) or model (HF) is freed before returning."""
-    from rlt.evaluate import generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
+    from rlt.evaluate import Sampling, generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
 
-    options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature, seed=seed)
+    options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed,
+                   sampling=Sampling.from_run(run, temperature))  # the run's top_p/top_k/min_p/repetition_penalty
     with ExitStack() as stack:
         if backend == "vllm":
             tokenizer, llm = vllm_engine_for(teacher, run.torch_dtype, stack, seed=seed,
@@ -271,7 +272,7 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
     `RltError` subclasses for bad options, data or models."""
     from rlt.config import to_yaml
     from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets
-    from rlt.evaluate import load_eval_tokenizer
+    from rlt.evaluate import Sampling, load_eval_tokenizer
 
     temperature = run.temperature if temperature is None else temperature
     max_new_tokens = run.max_completion_length if max_new_tokens is None else max_new_tokens
@@ -302,9 +303,9 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
             logger.info("Chunk %d of %d (rows %d-%d): done before, kept from %s", c + 1, len(chunks), start,
                         start + chunk_rows - 1, parts.root)
         else:
-            logger.info("Chunk %d of %d (rows %d-%d): sampling %d explanation(s) per row (%s, temperature %s, up to "
-                        "%d tokens)", c + 1, len(chunks), start, start + chunk_rows - 1, num_samples, backend,
-                        temperature, max_new_tokens)
+            logger.info("Chunk %d of %d (rows %d-%d): sampling %d explanation(s) per row (%s, %s, up to %d tokens)",
+                        c + 1, len(chunks), start, start + chunk_rows - 1, num_samples, backend,
+                        Sampling.from_run(run, temperature).describe(), max_new_tokens)
             done = _distill_chunk(teacher, run, fmt, rows[start:start + chunk_rows], start, seed=seed + c,
                                   **{k: settings[k] for k in ("num_samples", "select", "score", "keep_unclosed",
                                                               "max_student_tokens", "backend", "temperature",
@@ -330,7 +331,7 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
         "dropped_too_long": int(stats["too_long"]), "samples_closed": int(stats["closed"]),
         **{k: settings[k] for k in ("max_student_tokens", "num_samples", "backend", "temperature", "max_new_tokens",
                                     "seed", "chunk_rows")},
-        "select": select,
+        "select": select, "sampling": Sampling.from_run(run, temperature).describe(),
         "mean_reward_all_samples": stats["reward_sum"] / stats["reward_n"] if stats["reward_n"] else None,
         "mean_reward_kept": sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,
         "teacher_format": fmt.fingerprint,

@@ -13,7 +13,8 @@ answers inside the tags. Bad input (missing model, data without the columns, bad
 error and exit status 2.
 
 Python API: `evaluate` (the whole run as a dict), `gsm8k_accuracy` (greedy accuracy of an in-memory model, used by
-the SFT recipe), `pass_at_k`, `generate_hf` / `generate_vllm`, `load_eval_model`, and the pure helpers
+the SFT recipe), `pass_at_k`, `generate_hf` / `generate_vllm` (decoding as a `Sampling` says), `load_eval_model`,
+and the pure helpers
 `answer_from_completion` and `answers_match`.
 """
 
@@ -29,6 +30,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,38 +110,121 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are decoded, the same on both backends: greedy when ``temperature == 0``, else sampling at
+    `temperature` from what the filters leave: `top_p` (1.0 = off), `top_k` (None = off), `min_p` (None = off).
+    `repetition_penalty` (1.0 = off) applies to greedy decoding too, as it does in transformers and vLLM. The
+    checkpoint's own sampling defaults (``generation_config.json``) are never used.
+
+    `Sampling.from_run(run)` is a training run's sampling (its temperature and filters), what a teacher was
+    trained to explain with.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_run(cls, run, temperature: float | None = None) -> Sampling:
+        return cls(temperature=run.temperature if temperature is None else temperature, top_p=run.top_p,
+                   top_k=run.top_k, min_p=run.min_p, repetition_penalty=run.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, one phrase each (empty when they are usable)."""
+        def number(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        out = []
+        if not (number(self.temperature) and self.temperature >= 0):
+            out.append(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            out.append(f"top_k must be an integer >= 1 or None (off), got {self.top_k!r}")
+        if self.min_p is not None and not (number(self.min_p) and 0 <= self.min_p <= 1):
+            out.append(f"min_p must be in [0, 1] or None (off), got {self.min_p!r}")
+        if not (number(self.repetition_penalty) and self.repetition_penalty > 0):
+            out.append(f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        return out
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """`transformers.GenerationConfig` fields. ``Sampling(0.7, top_k=20).hf_kwargs()`` == ``{do_sample: True,
+        temperature: 0.7, top_p: 1.0, top_k: 20, min_p: None, repetition_penalty: 1.0}``; greedy: ``{do_sample:
+        False, repetition_penalty: 1.0}`` (top_k 0 and min_p None switch those warpers off in transformers)."""
+        if self.greedy:
+            return dict(do_sample=False, repetition_penalty=float(self.repetition_penalty))
+        return dict(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
+                    top_k=self.top_k or 0, min_p=self.min_p, repetition_penalty=float(self.repetition_penalty))
+
+    def vllm_kwargs(self) -> dict[str, Any]:
+        """`vllm.SamplingParams` fields (vLLM: top_k 0 and min_p 0 = off, temperature 0 = greedy).
+        ``Sampling(0.7, top_k=20, min_p=0.05).vllm_kwargs()`` == ``{temperature: 0.7, top_p: 1.0, top_k: 20,
+        min_p: 0.05, repetition_penalty: 1.0}``; greedy: temperature 0, top_p 1, top_k 0, min_p 0."""
+        if self.greedy:
+            return dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                        repetition_penalty=float(self.repetition_penalty))
+        return dict(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k or 0,
+                    min_p=float(self.min_p or 0.0), repetition_penalty=float(self.repetition_penalty))
+
+    def describe(self) -> str:
+        """``"greedy"`` or e.g. ``"temperature 0.7, top_k 20"`` (only the filters that are on)."""
+        if self.greedy:
+            head = "greedy"
+        else:
+            head = f"temperature {self.temperature}"
+            head += "".join(f", {k} {v}" for k, v in (("top_p", self.top_p if self.top_p != 1 else None),
+                                                       ("top_k", self.top_k), ("min_p", self.min_p)) if v)
+        return head + (f", repetition_penalty {self.repetition_penalty}" if self.repetition_penalty != 1 else "")
+
+
+GREEDY = Sampling()
+
+
 def generate_hf(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                num_samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
-    """`num_samples` completions per prompt text with ``model.generate``: greedy when ``temperature == 0``, else
-    pure temperature sampling (no top-k / top-p; the checkpoint's own sampling defaults are ignored).
+                num_samples: int = 1, sampling: Sampling = GREEDY, seed: int | None = None) -> list[list[str]]:
+    """`num_samples` completions per prompt text with ``model.generate``, decoded as `sampling` says (greedy by
+    default).
 
     Prompts are left-padded in batches of about `batch_size` sequences (``batch_size // num_samples`` prompts).
     Texts are tokenized without adding special tokens (the chat template has them). The model's train/eval mode and
     the tokenizer's padding side are restored afterwards. `generate_hf_ids` gives the sampled token ids instead.
     """
     ids = generate_hf_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          num_samples=num_samples, temperature=temperature, seed=seed)
+                          num_samples=num_samples, sampling=sampling, seed=seed)
     return [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
 
 
+def _check_sampling(sampling: Sampling, num_samples: int) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if sampling.problems():
+        raise ValueError("; ".join(sampling.problems()))
+    if sampling.greedy and num_samples > 1:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one completion)")
+
+
 def generate_hf_ids(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                    num_samples: int = 1, temperature: float = 0.0, seed: int | None = None) -> list[list[list[int]]]:
+                    num_samples: int = 1, sampling: Sampling = GREEDY,
+                    seed: int | None = None) -> list[list[list[int]]]:
     """As `generate_hf`, the sampled token ids of each completion: up to and including its first end-of-sequence
     token, without the padding after it."""
     import torch
     from transformers import GenerationConfig
 
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    sample = temperature > 0
-    if not sample and num_samples > 1:
-        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one completion)")
+    _check_sampling(sampling, num_samples)
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, num_return_sequences=num_samples,
+        max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None),
-        eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
-        **(dict(temperature=float(temperature), top_k=0, top_p=1.0) if sample else {}),
+        eos_token_id=eos[0] if len(eos) == 1 else (eos or None), **sampling.hf_kwargs(),
     )
     if seed is not None:
         torch.manual_seed(seed)
@@ -172,49 +257,45 @@ def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
 
 def make_vllm_engine(model_path: str, *, seed: int = 0, dtype: str = "auto",
                      kv_cache_memory_bytes: int = DEFAULT_VLLM_KV_CACHE_BYTES, max_model_len: int | None = None):
-    """An in-process ``vllm.LLM`` for `model_path` (a local model directory). On CPU (no CUDA) vLLM cannot size
-    the KV cache from GPU memory and cannot capture CUDA graphs, so `kv_cache_memory_bytes` and
-    ``enforce_eager=True`` are passed. Raises `MissingExtraError` (naming the extra) when vllm is not installed."""
+    """A ``vllm.LLM`` for `model_path` (a local model directory) with the trainer's platform settings
+    (`rlt.generation.vllm_colocate.build_llm`): on CPU in-process, eager, with a KV cache of
+    `kv_cache_memory_bytes` (vLLM cannot size it from GPU memory there), so deleting the engine frees it. Raises
+    `MissingExtraError` (naming the extra) when vllm is not installed. On a GPU the engine takes vLLM's default
+    0.9 of the GPU's memory and `kv_cache_memory_bytes` is not used."""
     import torch
 
-    from rlt.utils.imports import require
+    from rlt.generation.vllm_colocate import build_llm
 
-    vllm = require("vllm")
-    kwargs: dict[str, Any] = {"model": model_path, "seed": seed, "dtype": dtype}
-    if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
-    if not torch.cuda.is_available():
-        kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes, enforce_eager=True)
-    logger.info("Starting vLLM engine for %s (%s)", model_path, ", ".join(f"{k}={v}" for k, v in kwargs.items()))
-    return vllm.LLM(**kwargs)
+    logger.info("Starting vLLM engine for %s (dtype %s, seed %d)", model_path, dtype, seed)
+    return build_llm(model_path, seed=seed, dtype=dtype, max_model_len=max_model_len,
+                     kv_cache_memory_bytes=None if torch.cuda.is_available() else kv_cache_memory_bytes)
 
 
-def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, temperature, seed):
+def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, sampling: Sampling, seed):
     from vllm import SamplingParams
 
-    if num_samples > 1 and temperature <= 0:
-        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one completion)")
-    params = SamplingParams(n=num_samples, temperature=max(float(temperature), 0.0), top_p=1.0,
-                            max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True)
+    _check_sampling(sampling, num_samples)
+    params = SamplingParams(n=num_samples, max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True,
+                            **sampling.vllm_kwargs())
     prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     return llm.generate(prompts, params, use_tqdm=False)
 
 
 def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
-                  temperature: float = 0.0, seed: int | None = None) -> list[list[str]]:
-    """`num_samples` completions per prompt text with a ``vllm.LLM`` (see `make_vllm_engine`), same decoding as
-    `generate_hf`: greedy at temperature 0, else pure temperature sampling. Prompts are passed as token ids from
-    our tokenizer (``add_special_tokens=False``), so both backends see identical inputs."""
+                  sampling: Sampling = GREEDY, seed: int | None = None) -> list[list[str]]:
+    """`num_samples` completions per prompt text with a ``vllm.LLM`` (see `make_vllm_engine`), decoded as
+    `sampling` says, as `generate_hf` does. Prompts are passed as token ids from our tokenizer
+    (``add_special_tokens=False``), so both backends see identical inputs."""
     outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                            temperature=temperature, seed=seed)
+                            sampling=sampling, seed=seed)
     return [[o.text for o in out.outputs] for out in outputs]
 
 
 def generate_vllm_ids(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
-                      temperature: float = 0.0, seed: int | None = None) -> list[list[list[int]]]:
+                      sampling: Sampling = GREEDY, seed: int | None = None) -> list[list[list[int]]]:
     """As `generate_vllm`, the sampled token ids of each completion (with its end-of-sequence token, if any)."""
     outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                            temperature=temperature, seed=seed)
+                            sampling=sampling, seed=seed)
     return [[list(o.token_ids) for o in out.outputs] for out in outputs]
 
 
@@ -323,9 +404,9 @@ def load_eval_model(name_or_path: str, *, torch_dtype: str = "auto"):
 # --------------------------------------------------------------------------------------------------- evaluation
 
 
-def _check_options(*, split: str, limit: int | None, k: int, num_samples: int, temperature: float,
+def _check_options(*, split: str, limit: int | None, k: int, num_samples: int, sampling: Sampling,
                    max_new_tokens: int, batch_size: int, backend: str) -> None:
-    problems = []
+    problems = sampling.problems()
     if backend not in BACKENDS:
         problems.append(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not split:
@@ -336,8 +417,8 @@ def _check_options(*, split: str, limit: int | None, k: int, num_samples: int, t
             problems.append(f"{name} must be an integer >= {low}, got {value!r}")
     if isinstance(k, int) and isinstance(num_samples, int) and num_samples < k:
         problems.append(f"num_samples ({num_samples}) must be >= k ({k})")
-    if k > 1 and not (isinstance(temperature, int | float) and temperature > 0):
-        problems.append(f"pass@k with k={k} samples needs temperature > 0, got {temperature!r}")
+    if k > 1 and not problems and sampling.greedy:
+        problems.append(f"pass@k with k={k} samples needs temperature > 0, got {sampling.temperature!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -370,9 +451,9 @@ def resolve_system_prompt(value: str | None) -> str | None:
 def _hf_backend(model: str, torch_dtype: str, stack: ExitStack):
     loaded, tokenizer = load_eval_model(model, torch_dtype=torch_dtype)
 
-    def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
+    def generate(texts, *, max_new_tokens, batch_size, num_samples, sampling, seed):
         return generate_hf(loaded, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           num_samples=num_samples, temperature=temperature, seed=seed)
+                           num_samples=num_samples, sampling=sampling, seed=seed)
 
     return tokenizer, generate
 
@@ -403,20 +484,22 @@ def vllm_engine_for(model: str, torch_dtype: str, stack: ExitStack, *, seed: int
 
 def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = None,
              system_prompt: str | None = None, k: int = 1, num_samples: int | None = None, temperature: float = 0.7,
-             max_new_tokens: int = 256, batch_size: int = 16, backend: str = "hf", seed: int = 0,
+             top_p: float = 1.0, top_k: int | None = None, min_p: float | None = None, max_new_tokens: int = 256, batch_size: int = 16, backend: str = "hf", seed: int = 0,
              torch_dtype: str = "auto", data_columns: dict[str, str] | None = None,
              kv_cache_memory_bytes: int = DEFAULT_VLLM_KV_CACHE_BYTES) -> dict:
     """Evaluate `model` on the GSM8K-format `split` of `data` and return the results dict (see `main`).
 
     Greedy decoding gives ``accuracy`` (pass@1) and ``strict_accuracy`` (answer inside ``<answer>`` tags). With
-    ``k > 1``, `num_samples` (default k) completions per problem are also sampled at `temperature`, and
+    ``k > 1``, `num_samples` (default k) completions per problem are also sampled at `temperature` (after the
+    `top_p` / `top_k` / `min_p` filters, off by default), and
     ``pass_at_k`` is the mean of `pass_at_k(num_samples, correct, k)` over problems. `limit` keeps the first N
     problems of the split, in file order. Raises `RltError` subclasses for bad options, data or models.
     """
     from rlt.data.loading import prepare_gsm8k_eval
 
     num_samples = k if num_samples is None else num_samples
-    _check_options(split=split, limit=limit, k=k, num_samples=num_samples, temperature=temperature,
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    _check_options(split=split, limit=limit, k=k, num_samples=num_samples, sampling=sampling,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend)
     system_prompt = resolve_system_prompt(system_prompt)
     problems = prepare_gsm8k_eval(dataset_id_or_path=data, split=split, data_columns=data_columns,
@@ -431,18 +514,17 @@ def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = 
             tokenizer, llm = vllm_engine_for(model, torch_dtype, stack, seed=seed,
                                              kv_cache_memory_bytes=kv_cache_memory_bytes)
 
-            def generate(texts, *, max_new_tokens, batch_size, num_samples, temperature, seed):
+            def generate(texts, *, max_new_tokens, batch_size, num_samples, sampling, seed):
                 return generate_vllm(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                                     temperature=temperature, seed=seed)
+                                     sampling=sampling, seed=seed)
         texts = render_prompts(tokenizer, problems)
         options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
         logger.info("Generating greedy completions for %d problems (%s backend)", len(problems), backend)
-        greedy = generate(texts, num_samples=1, temperature=0.0, **options)
+        greedy = generate(texts, num_samples=1, sampling=GREEDY, **options)
         sampled: list[list[str]] | None = None
         if k > 1:
-            logger.info("Sampling %d completions per problem at temperature %s for pass@%d", num_samples,
-                        temperature, k)
-            sampled = generate(texts, num_samples=num_samples, temperature=temperature, **options)
+            logger.info("Sampling %d completions per problem (%s) for pass@%d", num_samples, sampling.describe(), k)
+            sampled = generate(texts, num_samples=num_samples, sampling=sampling, **options)
 
     predictions = []
     strict = 0
@@ -468,7 +550,7 @@ def evaluate(*, model: str, data: str, split: str = "test", limit: int | None = 
     }
     if sampled is not None:
         results.update(pass_at_k=sum(pass_values) / n if n else 0.0, k=k, num_samples=num_samples,
-                       temperature=temperature)
+                       temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     results.update(backend=backend, max_new_tokens=max_new_tokens, system_prompt=system_prompt, seed=seed,
                    predictions=predictions)
     return results
@@ -502,8 +584,9 @@ def _shorten(text: Any, width: int = 200) -> str:
 def _print_summary(results: dict, output: Path, out: Callable[[str], None] = print) -> None:
     line = f"accuracy {results['accuracy']:.4f} (strict, in <answer> tags: {results['strict_accuracy']:.4f})"
     if "pass_at_k" in results:
-        line += f", pass@{results['k']} {results['pass_at_k']:.4f} ({results['num_samples']} samples at " \
-                f"temperature {results['temperature']})"
+        sampled = Sampling(**{k: results[k] for k in ("temperature", "top_p", "top_k", "min_p") if k in results})
+        line += f", pass@{results['k']} {results['pass_at_k']:.4f} ({results['num_samples']} samples, " \
+                f"{sampled.describe()})"
     out(f"{results['model']} on {results['data']} [{results['split']}], n={results['n']}: {line}")
     for p in results["predictions"][:3]:
         out(f"- question: {_shorten(p['question'])}\n  completion: {_shorten(p['completions'][0])}\n"
@@ -525,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=1, help="pass@k: with k > 1, also sample completions per problem")
     parser.add_argument("--num-samples", type=int, default=None, help="samples per problem for pass@k (default k)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for pass@k")
+    parser.add_argument("--top-p", type=float, default=1.0, help="pass@k sampling: nucleus filter (1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=None, help="pass@k sampling: top-k filter (default off)")
+    parser.add_argument("--min-p", type=float, default=None, help="pass@k sampling: min-p filter (default off)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
@@ -551,7 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate(model=args.model, data=args.data, split=args.split, limit=args.limit,
                            system_prompt=args.system_prompt, k=args.k, num_samples=args.num_samples,
-                           temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                           max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, backend=args.backend, seed=args.seed, torch_dtype=args.dtype,
                            kv_cache_memory_bytes=args.kv_cache_memory_bytes)
         output = args.output or default_output_path(args.model, args.data, args.split)

@@ -241,8 +241,22 @@ def test_rlt_teacher_to_distilled_data_to_student_hf(tmp_path, trained_teacher, 
 @pytest.mark.vllm
 def test_rlt_teacher_to_distilled_data_vllm(tmp_path, trained_teacher, capsys):
     pytest.importorskip("vllm")
-    _distill_then_student(tmp_path, trained_teacher, capsys, "--backend", "vllm",
-                          "--kv-cache-memory-bytes", str(64 << 20))
+    _distill_then_student(tmp_path, trained_teacher, capsys, "--backend", "vllm", "--chunk-rows", "4",
+                          "--kv-cache-memory-bytes", str(64 << 20))  # 2 chunks: an engine built, freed, rebuilt
+
+
+def test_samples_are_drawn_with_the_runs_sampling_filters():
+    """The teacher was trained sampling with its run's filters; distillation samples the same way. top_k=1 leaves
+    only the argmax token, so both samples of a row are the same; without it temperature-1 samples differ."""
+    from rlt.distill import _generate, load_run_config
+
+    prompts = ["<|im_start|>user\nExplain 2 + 2.<|im_end|>\n<|im_start|>assistant\n<|begin_of_thought|>"]
+    for top_k, same in ((1, True), (None, False)):
+        run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
+                              overrides=[f"top_k={'null' if top_k is None else top_k}", "temperature=1.0"])
+        _, ids = _generate("rlt:tiny", run, prompts, backend="hf", num_samples=2, temperature=None,
+                           max_new_tokens=12, batch_size=4, seed=0, kv_cache_memory_bytes=1 << 26)
+        assert (ids[0][0] == ids[0][1]) is same
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,13 +9,18 @@ from pathlib import Path
 import pytest
 
 from rlt.evaluate import (
+    GREEDY,
+    Sampling,
     answer_from_completion,
     answers_match,
     evaluate,
+    generate_hf_ids,
+    generate_vllm_ids,
     gsm8k_accuracy,
     is_lora_adapter,
     load_eval_model,
     main,
+    make_vllm_engine,
     pass_at_k,
     write_json_atomic,
 )
@@ -105,6 +110,7 @@ def test_pass_at_k_samples_and_system_prompt():
     results = evaluate(model="rlt:tiny", data=str(GSM8K), limit=3, k=2, num_samples=3, temperature=1.0,
                        max_new_tokens=8, batch_size=4, system_prompt="@reasoning")
     assert results["k"] == 2 and results["num_samples"] == 3 and results["temperature"] == 1.0
+    assert (results["top_p"], results["top_k"], results["min_p"]) == (1.0, None, None)
     assert 0.0 <= results["pass_at_k"] <= 1.0
     for p in results["predictions"]:
         assert len(p["completions"]) == 4  # greedy first, then 3 samples
@@ -112,6 +118,76 @@ def test_pass_at_k_samples_and_system_prompt():
         assert "<|im_start|>system\nRespond in the following format" in p["prompt"]
     assert results["pass_at_k"] == pytest.approx(
         sum(pass_at_k(3, p["samples_correct"], 2) for p in results["predictions"]) / 3)
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_translates_to_both_backends():
+    """By hand: temperature 0 is greedy on both (HF do_sample False; vLLM temperature 0 with every filter off, and
+    repetition_penalty kept: it changes greedy output too); off-filters are top_k None -> 0 on both, min_p None ->
+    None for HF (no warper) and 0.0 for vLLM (its "off")."""
+    assert GREEDY.hf_kwargs() == {"do_sample": False, "repetition_penalty": 1.0}
+    assert Sampling(repetition_penalty=1.3).vllm_kwargs() == {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                                                              "min_p": 0.0, "repetition_penalty": 1.3}
+    s = Sampling(temperature=0.7, top_k=20)
+    assert s.hf_kwargs() == {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 20, "min_p": None,
+                             "repetition_penalty": 1.0}
+    s = Sampling(temperature=0.7, top_p=0.9, min_p=0.05)
+    assert s.vllm_kwargs() == {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.05,
+                               "repetition_penalty": 1.0}
+    assert s.describe() == "temperature 0.7, top_p 0.9, min_p 0.05"
+    assert Sampling(1.0, repetition_penalty=1.1).describe() == "temperature 1.0, repetition_penalty 1.1"
+    assert GREEDY.describe() == "greedy" and GREEDY.greedy and not s.greedy
+
+
+def test_sampling_from_a_run_config(compose):
+    from rlt.config import validate
+
+    run = validate(compose(["run_cfg=teacher_rlt_tiny", "top_p=0.95", "top_k=40", "min_p=0.1",
+                            "repetition_penalty=1.05", "temperature=0.8"]))
+    assert Sampling.from_run(run) == Sampling(0.8, top_p=0.95, top_k=40, min_p=0.1, repetition_penalty=1.05)
+    assert Sampling.from_run(run, temperature=0.0).greedy  # an explicit temperature wins, the filters stay
+
+
+@pytest.mark.parametrize(("sampling", "named"), [
+    (Sampling(-0.1), "temperature"), (Sampling(1.0, top_p=0.0), "top_p"), (Sampling(1.0, top_p=1.5), "top_p"),
+    (Sampling(1.0, top_k=0), "top_k"), (Sampling(1.0, top_k=2.5), "top_k"), (Sampling(1.0, min_p=1.5), "min_p"),
+    (Sampling(1.0, repetition_penalty=0), "repetition_penalty"), (Sampling(float("nan")), "temperature"),
+])
+def test_sampling_problems_name_the_field(sampling, named):
+    assert len(sampling.problems()) == 1 and sampling.problems()[0].startswith(named)
+
+
+def _top_k_1_is_greedy(generate):
+    """Sampling with top_k 1 keeps only the argmax token, so every sample equals the greedy completion; without
+    the filter, temperature-1 samples of a random model differ from it (so the filter is what is applied)."""
+    texts = ["<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n", "Hello there, friend"]
+    greedy = generate(texts, num_samples=1, sampling=GREEDY, seed=0)
+    top1 = generate(texts, num_samples=3, sampling=Sampling(1.0, top_k=1), seed=0)
+    free = generate(texts, num_samples=3, sampling=Sampling(1.0), seed=0)
+    assert all(len(g) == 1 and g[0] for g in greedy)
+    assert top1 == [[g[0]] * 3 for g in greedy]
+    assert free != top1
+
+
+def test_hf_sampling_filters_are_applied(tiny_model_path):
+    from rlt.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path, padding_side="left")
+    model = load_model(tiny_model_path, tokenizer=tokenizer)
+    _top_k_1_is_greedy(lambda texts, **kw: generate_hf_ids(model, tokenizer, texts, max_new_tokens=12,
+                                                           batch_size=8, **kw))
+
+
+@pytest.mark.vllm
+def test_vllm_sampling_filters_are_applied(tiny_model_path):
+    pytest.importorskip("vllm")
+    from rlt.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path, padding_side="left")
+    llm = make_vllm_engine(tiny_model_path, kv_cache_memory_bytes=32 << 20, max_model_len=256)
+    _top_k_1_is_greedy(lambda texts, **kw: generate_vllm_ids(llm, tokenizer, texts, max_new_tokens=12, **kw))
 
 
 def test_gsm8k_accuracy_api_for_the_sft_recipe(tiny_model_path):
@@ -197,6 +273,8 @@ def test_cli_data_without_columns_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [
     ["--k", "3", "--temperature", "0"],
+    ["--k", "2", "--top-k", "0"],
+    ["--k", "2", "--top-p", "1.5"],
     ["--k", "4", "--num-samples", "2"],
     ["--limit", "0"],
     ["--split", "validation"],

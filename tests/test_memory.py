@@ -510,3 +510,25 @@ def test_teacher_reward_scoring_bytes_bounds_the_measured_peak(tiny_model_path):
     assert 0 < whole <= M.teacher_reward_scoring_bytes(arch, 4, seq, 4, 8192)
     assert 0 < chunked <= M.teacher_reward_scoring_bytes(arch, 4, seq, 4, 256)
     assert chunked < whole
+
+
+def test_the_estimator_imports_no_torch_transformers_or_config():
+    """The memory check answers before any weights load: the estimator package imports none of the heavy stack,
+    and every function and class its modules define is importable from `rlt.memory` itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import inspect, sys
+        import rlt.memory as M
+        from rlt.memory import arch, plan, terms, units
+        heavy = [m for m in ("torch", "transformers", "trl", "rlt.config", "omegaconf") if m in sys.modules]
+        assert not heavy, heavy
+        for mod in (arch, plan, terms, units):
+            defined = [n for n, v in vars(mod).items() if not n.startswith("_")
+                       and (inspect.isfunction(v) or inspect.isclass(v)) and v.__module__ == mod.__name__]
+            missing = [n for n in defined if n not in M.__all__ or getattr(M, n) is not getattr(mod, n)]
+            assert defined and not missing, (mod.__name__, missing)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -65,6 +65,20 @@ def test_engine_kwargs_reject_impossible_values(device_is_cuda, overrides):
         _kwargs(device_is_cuda, **overrides)
 
 
+def test_engine_build_gets_a_stdout_with_a_file_descriptor(monkeypatch):
+    """vLLM's process-group setup calls sys.stdout.fileno(); a notebook's or pytest's captured stdout has none."""
+    import io
+
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", captured)
+    with vc._keep_torch_threads(enabled=True):
+        assert sys.stdout is sys.__stdout__ and sys.stdout.fileno() >= 0
+    assert sys.stdout is captured
+    with pytest.raises(RuntimeError), vc._keep_torch_threads(enabled=False):
+        raise RuntimeError("engine build failed")
+    assert sys.stdout is captured  # restored after a failed build too
+
+
 def test_module_imports_without_importing_vllm():
     code = "import sys, rlt.generation.vllm_colocate as m; m.platform_engine_kwargs; assert 'vllm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -50,6 +50,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -154,17 +155,31 @@ def _warn_sleep_mode_ignored() -> None:
 
 @contextlib.contextmanager
 def _keep_torch_threads(enabled: bool) -> Iterator[None]:
-    """Undo what an in-process CPU engine does to torch's threading (see the module docstring)."""
+    """Undo what an in-process CPU engine does to torch's threading (see the module docstring), and give vLLM a
+    stdout with a file descriptor while it builds: its process-group setup silences C-level output through
+    ``sys.stdout.fileno()``, which a notebook's or a test's captured stdout does not have (io.UnsupportedOperation)."""
     set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+    stdout = sys.stdout
+    if not _has_fileno(stdout) and _has_fileno(sys.__stdout__):
+        sys.stdout = sys.__stdout__
     try:
         yield
     finally:
+        sys.stdout = stdout
         if enabled:
             if torch.set_num_threads is not set_num_threads:
                 torch.set_num_threads = set_num_threads
                 logger.debug("Restored torch.set_num_threads, which vLLM's CPU worker had replaced")
             if torch.get_num_threads() != num_threads:
                 torch.set_num_threads(num_threads)
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        return False
+    return True
 
 
 def _set_in_process_env() -> None:
