@@ -184,8 +184,9 @@ def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_ne
 
 
 def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_samples: int, temperature: float,
-              max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int):
-    """``(tokenizer, ids per prompt per sample)``; the engine (vLLM) or model (HF) is freed before returning."""
+              max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int, keep_model: bool = False):
+    """``(tokenizer, ids per prompt per sample, model)``. The vLLM engine is freed before returning; the HF model
+    too, unless `keep_model` (scoring comes next and needs the same teacher): then it is returned, else None."""
     from rlt.evaluate import Sampling, generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
 
     options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed,
@@ -199,9 +200,11 @@ def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_sample
         else:
             model, tokenizer = load_eval_model(teacher, torch_dtype=run.torch_dtype)
             ids = generate_hf_ids(model, tokenizer, prompts, batch_size=batch_size, **options)
-            del model
+            if not keep_model:
+                del model
+    kept = model if backend != "vllm" and keep_model else None
     _free_memory()
-    return tokenizer, ids
+    return tokenizer, ids, kept
 
 
 def _free_memory() -> None:
@@ -212,8 +215,10 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]]) -> list[list[float]]:
-    """The run's teacher reward of every sample (the teacher = `teacher`, the student = the run's)."""
+def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]],
+           teacher_model=None) -> list[list[float]]:
+    """The run's teacher reward of every sample (the teacher = `teacher`, already loaded as `teacher_model` when
+    given; the student = the run's)."""
     import torch
 
     from rlt.evaluate import load_eval_model
@@ -224,7 +229,8 @@ def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[i
     check_shared_tokenizer(tokenizer, load_tokenizer(student_name, revision=run.model_revision,
                                                      trust_remote_code=run.trust_remote_code,
                                                      pad_token=run.pad_token), student_name)
-    teacher_model, _ = load_eval_model(teacher, torch_dtype=run.torch_dtype)
+    if teacher_model is None:
+        teacher_model, _ = load_eval_model(teacher, torch_dtype=run.torch_dtype)
     student = load_model(student_name, torch_dtype=run.torch_dtype, attn_implementation=run.attn_implementation,
                          revision=run.model_revision, trust_remote_code=run.trust_remote_code, tokenizer=tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,14 +351,16 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
     """One chunk: generate, then score (one model set on the device at a time), then keep one sample per row."""
     from rlt.data.teacher import student_messages
 
-    tokenizer, ids = _generate(teacher, run, [r["prompt"] for r in rows], backend=backend, num_samples=num_samples,
-                               temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes)
+    tokenizer, ids, teacher_model = _generate(
+        teacher, run, [r["prompt"] for r in rows], backend=backend, num_samples=num_samples, temperature=temperature,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes,
+        keep_model=score)  # HF: the teacher that generated also scores (one load per chunk)
     special = set(tokenizer.all_special_ids)
     explanations = [[parse_explanation(_decode_like_the_reward(tokenizer, sample, special), fmt) for sample in row]
                     for row in ids]
-    rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids) if score else \
+    rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids, teacher_model) if score else \
         [[None] * len(row) for row in ids]
+    del teacher_model
     out: list[dict] = []
     finite = [v for row in rewards for v in row if v is not None and math.isfinite(v)]
     stats = dict(dropped=0, too_long=0, closed=sum(e.closed and not e.blank for row in explanations for e in row),

@@ -124,7 +124,7 @@ def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_pat
     tok = load_tokenizer(tiny_model_path)
     texts = ["one plus two<|end_of_explanation|>", "it is three", "three<|end_of_explanation|>"]
     fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    monkeypatch.setattr(distill_mod, "_generate", lambda *a, **k: (tok, [list(fixed) for _ in a[2]]))
+    monkeypatch.setattr(distill_mod, "_generate", lambda *a, **k: (tok, [list(fixed) for _ in a[2]], None))
     rows, summary = distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3)
     assert summary["rows"] == 2 and summary["kept"] == 2 and summary["samples_closed"] == 4
 
@@ -254,7 +254,7 @@ def test_samples_are_drawn_with_the_runs_sampling_filters():
     for top_k, same in ((1, True), (None, False)):
         run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
                               overrides=[f"top_k={'null' if top_k is None else top_k}", "temperature=1.0"])
-        _, ids = _generate("rlt:tiny", run, prompts, backend="hf", num_samples=2, temperature=None,
+        _, ids, _ = _generate("rlt:tiny", run, prompts, backend="hf", num_samples=2, temperature=None,
                            max_new_tokens=12, batch_size=4, seed=0, kv_cache_memory_bytes=1 << 26)
         assert (ids[0][0] == ids[0][1]) is same
 
@@ -286,8 +286,13 @@ def test_a_killed_distillation_resumes_after_its_last_finished_chunk(tmp_path, m
 
     run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["max_completion_length=8"])
     options = dict(teacher="rlt:tiny", run=run, limit=6, num_samples=2, keep_unclosed=True, chunk_rows=2)
+    import rlt.evaluate
+
+    load, loads = rlt.evaluate.load_eval_model, []
+    monkeypatch.setattr(rlt.evaluate, "load_eval_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
     whole, summary = distill_mod.distill(**options)
     assert summary["rows"] == 6 and [r["source_index"] for r in whole] == list(range(6))
+    assert loads == ["rlt:tiny"] * 3  # HF: one teacher load per chunk, generating and scoring with it
 
     original, calls = distill_mod._distill_chunk, []
 
