@@ -17,6 +17,12 @@ Variants, each timed on the same completions, interleaved (every repeat runs eve
 * ``batch16w``: the same batch size scoring whole sequences (``share_prefixes=False``: length-sorted, left-padded).
 * ``batch1``: `TeacherKLReward(batch_size=1)`, one forward per completion and model (the reference's scoring
   granularity, with our span finding and ``logits_to_keep``).
+* ``batch16lp``: batch 16 called as the vLLM trainer calls it: with each completion's sampling log-probs
+  (``sampling_logprobs``, ``sampling_temperature``), which the reward takes as the teacher's q_k instead of running
+  the teacher forward (``reuse_sampling_logprobs``). vLLM returns them with the sample for free; here they are
+  computed once, untimed, by the teacher (log_softmax(logits / 0.7) of each sampled token after its prompt), which
+  is what vLLM's processed log-probs equal (within 1e-4, tests/test_vllm_colocate.py). Its values are checked
+  against ``batch1``'s (teacher forward) like the others'.
 * ``reference``: written from rlt-spec §1.5-§2: per completion, decode the ids (special tokens skipped), close an
   unclosed explanation, re-tokenise the full student chat and teacher text, two full-vocabulary forwards with a full
   ``log_softmax``, spans by token-subsequence search with the reference's boundary trims, then ``gc.collect()``. Its
@@ -116,6 +122,21 @@ def make_workload(model, tok, fmt, n_prompts: int, n_generations: int, seed: int
 # ------------------------------------------------------------------------------ reference-style scoring (§1.5-§2)
 
 
+def sampling_logprobs(model, tok, kw: dict, tau: float = 0.7) -> list[list[float]]:
+    """log_softmax(logits / tau) of each completion token after its prompt under `model`: what a vLLM sampler
+    returns with the sample (processed log-probs at the sampling temperature)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prompt, ids in zip(kw["prompts"], kw["completion_ids"], strict=True):
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([p + ids])).logits[0, len(p) - 1:-1].float()
+            lp = torch.log_softmax(logits / tau, dim=-1)
+            out.append(lp.gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist())
+    return out
+
+
 def _find(hay: list[int], needle: list[int], last: bool = False) -> tuple[int, int] | None:
     """(start, length) of `needle` in `hay`, else of it without its first, last, or both boundary tokens."""
     for cand in (needle, needle[1:], needle[:-1], needle[1:-1]):
@@ -205,10 +226,14 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
           f"tokens (mean {statistics.mean(lengths):.0f}), {closed} closed; generated in {gen_s:.1f}s", flush=True)
 
     rewards: dict[str, object] = {}
-    for spec in batch_sizes:  # "16": shared prompt prefixes (the default); "16w": whole sequences
-        whole = spec.endswith("w")
-        rewards[f"batch{spec}"] = TeacherKLReward(student, tok, teacher, batch_size=int(spec.rstrip("w")),
+    extra_kw: dict[str, dict] = {}  # per variant: more reward kwargs (the sampling log-probs of "lp")
+    for spec in batch_sizes:  # "16": shared prompt prefixes (the default); "16w": whole sequences; "16lp": + q_k
+        whole, lp = spec.endswith("w"), spec.endswith("lp")
+        rewards[f"batch{spec}"] = TeacherKLReward(student, tok, teacher, batch_size=int(spec.rstrip("wlp")),
                                                   share_prefixes=not whole, **REWARD_KW)
+        if lp:
+            extra_kw[f"batch{spec}"] = dict(sampling_logprobs=sampling_logprobs(teacher, tok, kw),
+                                            sampling_temperature=REWARD_KW["temperature"])
     if reference:
         ref_reward = TeacherKLReward(student, tok, teacher, batch_size=1, **REWARD_KW)  # config + reductions only
         ref_timer: dict[str, float] = {}
@@ -236,7 +261,9 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
     for th in threads:  # warm-up calls, also the compared values
         torch.set_num_threads(th)
         for label, fn in rewards.items():
-            values[label, th] = fn(**call_kw)
+            values[label, th] = fn(**call_kw, **extra_kw.get(label, {}))
+            if label in extra_kw:
+                assert fn.last_reused_sampling_logprobs == n, "the reward did not take the sampling log-probs"
     for r in range(repeats):  # interleaved: every repeat runs every case, in a rotated order
         for label, th in cases[r % len(cases):] + cases[: r % len(cases)]:
             torch.set_num_threads(th)
@@ -244,7 +271,7 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
             if label == "reference":
                 ref_timer.clear()
             t, c = time.perf_counter(), time.process_time()
-            rewards[label](**call_kw)
+            rewards[label](**call_kw, **extra_kw.get(label, {}))
             times[label, th].append(time.perf_counter() - t)
             cpu[label, th].append(time.process_time() - c)
             if label == "reference":
@@ -291,9 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO num_generations)")
     ap.add_argument("--repeats", type=int, help="timed calls per variant (default tiny 5, smollm2 3; quick 2)")
     ap.add_argument("--threads", help="torch intra-op thread counts, each measured, interleaved (default 1,2; quick 1)")
-    ap.add_argument("--batch-sizes", default="16,16w,8,1",
+    ap.add_argument("--batch-sizes", default="16,16lp,16w,8,1",
                     help="TeacherKLReward batch sizes (1 = the baseline; a trailing w = whole sequences, no shared "
-                         "prompt prefix)")
+                         "prompt prefix; a trailing lp = given the sampling log-probs, as with vLLM: no teacher "
+                         "forward)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style variant")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max |reward delta| batched vs batch1")
     ap.add_argument("--json", type=Path, help="write the results here")
