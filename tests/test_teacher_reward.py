@@ -182,6 +182,86 @@ def test_matches_direct_computation(setup, name):
     assert reward.last_terms["explanation_tokens"][:2] == [9.0, 16.0]  # the sampled body tokens, tag excluded
 
 
+# ------------------------------------------------------------- the reference's own procedure, on decoded text
+
+
+def _find_valid_subsequence(hay, needle, *, last=False):
+    """rlt-spec §1.6: (start, length) of `needle` in `hay`, else of it without its first, last, or both tokens."""
+    for cand in (needle, needle[1:], needle[:-1], needle[1:-1]):
+        starts = range(len(hay) - len(cand), -1, -1) if last else range(len(hay) - len(cand) + 1)
+        for s in starts if cand else ():
+            if hay[s:s + len(cand)] == cand:
+                return s, len(cand)
+    return None
+
+
+def reference_procedure(setup, prompt, completion_text, question, solution, tau_s=0.7, tau_t=0.7):
+    """The reward as the reference computes it (rlt-spec §1.5, §1.6, §2; teacher_rlt coefficients), literally:
+    decoded text, a regex for the explanation (closed if missing, with the penalty), the student chat and the
+    teacher text re-tokenised whole, spans by token-subsequence search with its boundary trims (the thought content
+    forward in both texts, the padded solution from the end), full forwards, left-aligned think spans."""
+    import re
+
+    tok, teacher, student, _ = setup
+    opened = FMT.explanation_open + FMT.delimiters_padding  # masked_out_think_prefix, the end of the prompt
+    pattern = re.compile(re.escape(FMT.explanation_open) + "(.*?)" + re.escape(FMT.explanation_close), re.DOTALL)
+    completion, match = opened + completion_text, 0.0
+    found = pattern.search(completion)
+    if found is None:
+        completion, match = completion + FMT.explanation_close, P
+        found = pattern.search(completion)
+    thought = found.group(1)  # includes the leading padding
+    messages = [{"role": "system", "content": FMT.student_system_prompt}, {"role": "user", "content": question},
+                {"role": "assistant", "content": FMT.think_prefix + FMT.think_open + thought + FMT.think_close
+                 + FMT.think_solution_delimiter + FMT.solution_open + FMT.pad(solution) + FMT.solution_close}]
+    s_ids = tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"]
+    t_ids = tok(prompt[: -len(opened)] + completion)["input_ids"]
+
+    def logprobs(model, ids, tau):  # lp[j] = log p(ids[j + 1])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        return torch.log_softmax(logits / tau, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+    def span(lp, found):
+        return lp[found[0] - 1: found[0] - 1 + found[1]]
+
+    think = tok(thought, add_special_tokens=False)["input_ids"]
+    s_lp, t_lp = logprobs(student, s_ids, tau_s), logprobs(teacher, t_ids, tau_t)
+    ell = span(s_lp, _find_valid_subsequence(s_ids, tok(FMT.pad(solution), add_special_tokens=False)["input_ids"],
+                                             last=True))
+    s_k = span(s_lp, _find_valid_subsequence(s_ids, think))
+    q_k = span(t_lp, _find_valid_subsequence(t_ids, think, last=True))
+    d = [q - s for q, s in zip(q_k, s_k, strict=False)]
+    return (statistics.mean(ell) + 0.01 * min(ell)) - 3.0 * (statistics.mean(d) + 0.01 * max(d)) + match
+
+
+NATURAL = [  # worded explanations as a trained teacher writes them (GSM8K-style), closed or not
+    "Janet has 16 eggs. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 are left.\n\nShe sells each for $2: "
+    "9 * 2 = 18 dollars.\n\n<|end_of_explanation|><|im_end|>",
+    "First, find half of 2 bolts: 2 / 2 = 1.\n\nThen add it: 2 + 1 = 3 bolts in total.<|end_of_explanation|>",
+    "The price rose by 150%, i.e. 80,000 * 1.5 = 120,000; the house is now worth 200,000.",
+    "Let x be the number of cups. Then 3x + 2 = 20, so x = 6.\n\n",
+]
+
+
+def test_matches_the_reference_procedure_on_decoded_text(setup):
+    """On worded explanations, with a tokenizer whose pre-tokenizer keeps the blank line with the tag before it
+    (Qwen2's regex, as `rlt:tiny`), our spans (from token ids and character offsets) and the reference's
+    (re-tokenised text, subsequence search with trims) are the same tokens: rewards equal within float error, whether
+    the reward gets the token ids or only the decoded text (docs/rlt.md: GPT-2-style tokenizers differ)."""
+    tok, _, _, row = setup
+    reward = make_reward(setup, batch_size=2, temperature=0.7, unbias_student_log_probs_temp=0.7)
+    n = len(NATURAL)
+    kw = dict(prompts=[row["prompt"]] * n, question=[row["question"]] * n, solution=[row["solution"]] * n,
+              teacher_format=[row["teacher_format"]] * n)
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in NATURAL]
+    decoded = [tok.decode(i, skip_special_tokens=True) for i in ids]
+    expected = [reference_procedure(setup, row["prompt"], text, QUESTION, SOLUTION) for text in decoded]
+    assert reward(completion_ids=ids, completions=decoded, **kw) == pytest.approx(expected, abs=2e-5)
+    assert reward(completions=decoded, **kw) == pytest.approx(expected, abs=2e-5)
+    assert reward.last_terms["match_reward"] == [0.0, 0.0, P, P]
+
+
 def test_solution_and_explanation_spans(setup):
     tok = setup[0]
     reward = make_reward(setup)
