@@ -17,9 +17,9 @@ Variants, each timed on the same completions, interleaved (every repeat runs eve
 * ``batch16w``: the same batch size scoring whole sequences (``share_prefixes=False``: length-sorted, left-padded).
 * ``batch1``: `TeacherKLReward(batch_size=1)`, one forward per completion and model (the reference's scoring
   granularity, with our span finding and ``logits_to_keep``).
-* ``batch16lp``: batch 16 called as the vLLM trainer calls it: with each completion's sampling log-probs
-  (``sampling_logprobs``, ``sampling_temperature``), which the reward takes as the teacher's q_k instead of running
-  the teacher forward (``reuse_sampling_logprobs``). vLLM returns them with the sample for free; here they are
+* ``batch16lp``: batch 16 called as the trainer calls it (vLLM or HF generation): with each completion's
+  sampling log-probs (``sampling_logprobs``, ``sampling_temperature``), which the reward takes as the teacher's
+  q_k instead of running the teacher forward (``reuse_sampling_logprobs``). The generator returns them with the sample; here they are
   computed once, untimed, by the teacher (log_softmax(logits / 0.7) of each sampled token after its prompt), which
   is what vLLM's processed log-probs equal (within 1e-4, tests/test_vllm_colocate.py). Its values are checked
   against ``batch1``'s (teacher forward) like the others'.
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", help="torch intra-op thread counts, each measured, interleaved (default 1,2; quick 1)")
     ap.add_argument("--batch-sizes", default="16,16lp,16w,8,1",
                     help="TeacherKLReward batch sizes (1 = the baseline; a trailing w = whole sequences, no shared "
-                         "prompt prefix; a trailing lp = given the sampling log-probs, as with vLLM: no teacher "
+                         "prompt prefix; a trailing lp = given the sampling log-probs, as the trainer gives them: no teacher "
                          "forward)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style variant")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max |reward delta| batched vs batch1")

@@ -529,7 +529,7 @@ class RLTSection:
     offload_untrained_models: bool = True  # student and reference model on CPU except for their forwards (GPU)
     teacher_reward_batch_size: int = 8  # completions per scoring forward (length-sorted)
     teacher_reward_tokens_per_forward: int = 8192  # at most rows × positions per scoring forward (then chunks)
-    teacher_reuse_sampling_logprobs: bool = True  # vLLM's sampling log-probs at tau_T replace the teacher forward
+    teacher_reuse_sampling_logprobs: bool = True  # the generator's sampling log-probs at tau_T (vLLM or HF) replace the teacher forward
     use_reference_teacher_model: bool = False  # q_k from the reference model (initial / synced teacher), not the policy
     save_completions_probability: float = 0.0  # sample (prompt, completion, reward) rows to stored_completions/
     logging_prob: float = 0.1  # sample student chats to teacher_chats/log.txt

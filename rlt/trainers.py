@@ -10,11 +10,14 @@ an offloadable reference model.
    and modes) from the loss forward's detached log-probs, before TRL's loss multiplies by it. Same loss, same
    metrics (``sampling/importance_sampling_ratio/*``, ``sampling/sampling_logp_difference/*``, logged per
    micro-batch), one policy forward fewer per step. Off-policy geometries keep TRL's path unchanged.
-2. **Sampling log-probs for reward functions.** When the generator returns per-token sampling log-probs that are
-   plain ``log_softmax(logits / temperature)`` (vLLM with ``processed_logprobs``, no top-p/top-k/min-p/repetition
-   penalty), every reward function also receives ``sampling_logprobs`` (one list per completion, aligned with
-   ``completion_ids``; None entries where vLLM had none) and ``sampling_temperature``. The RLT teacher reward uses
-   them instead of a teacher forward (`rlt.rewards.TeacherKLReward`, ``reuse_sampling_logprobs``).
+2. **Sampling log-probs for reward functions.** When the generator's per-token sampling log-probs are plain
+   ``log_softmax(logits / temperature)`` (no top-p/top-k/min-p/repetition penalty), every reward function also
+   receives ``sampling_logprobs`` (one list per completion, aligned with ``completion_ids``; None entries where vLLM
+   had none) and ``sampling_temperature``. vLLM returns them (``processed_logprobs``). With HF ``generate`` (no
+   tools, not the continuous-batching path) a `SamplingLogprobRecorder` in the logits-processor chain records them
+   while sampling, when a reward declares ``uses_sampling_logprobs``; TRL itself still gets none for HF generation,
+   so its loss path is unchanged. The RLT teacher reward uses them instead of a teacher forward
+   (`rlt.rewards.TeacherKLReward`, ``reuse_sampling_logprobs``).
 3. **The synced reference model is checkpointed.** With ``sync_ref_model`` TRL mixes the policy into the reference
    in place every ``ref_model_sync_steps``, but checkpoints hold only the policy and TRL rebuilds the reference from
    the policy's path: a resumed run (and an RLT run whose student is the reference) silently went back to the initial
@@ -38,6 +41,7 @@ import os
 
 import torch
 from accelerate.utils.memory import clear_device_cache
+from transformers import LogitsProcessor, LogitsProcessorList
 from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanmax, nanmin
@@ -81,9 +85,76 @@ def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.T
 
 
 def plain_tempered_sampling(args) -> bool:
-    """Whether a vLLM generator's processed log-probs are ``log_softmax(logits / temperature)`` for these
-    GRPOConfig sampling settings (`rlt.config.logit_processing`)."""
-    return bool(args.use_vllm) and not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    """Whether the generator's sampling log-probs are ``log_softmax(logits / temperature)`` for these GRPOConfig
+    sampling settings (`rlt.config.logit_processing`), with a generator that can return them (vLLM, or HF
+    ``generate`` through `SamplingLogprobRecorder`; not TRL's continuous-batching transformers path)."""
+    if getattr(args, "use_transformers_continuous_batching", False) and not args.use_vllm:
+        return False
+    return not logit_processing(args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+
+
+def _uses_sampling_logprobs(reward_func) -> bool:
+    """A reward function (or the one a `rlt.rewards.guard` wrapper holds) that declares it reads
+    ``sampling_logprobs`` (``uses_sampling_logprobs``, as `rlt.rewards.TeacherKLReward`)."""
+    return bool(getattr(reward_func, "uses_sampling_logprobs", False)
+                or getattr(getattr(reward_func, "__wrapped__", None), "uses_sampling_logprobs", False))
+
+
+class SamplingLogprobRecorder(LogitsProcessor):
+    """Records, while HF ``generate`` samples, the log-prob of every sampled token under
+    ``log_softmax(logits / temperature)``: what vLLM returns as processed log-probs under plain tempered sampling.
+
+    Used as a custom logits processor, it is called once per new token with the logits of that step (HF runs custom
+    processors before its warpers: the scores it sees are the model's logits when nothing else processes them,
+    which is what `plain_tempered_sampling` checks). It keeps that step's log-softmax [batch, vocab] and gathers it
+    at the token the next call sees appended to ``input_ids``; `per_completion` gathers the last step at the final
+    tokens and returns each row's values cut to its completion length. Memory: one step's log-softmax, not one per
+    step (HF's ``output_scores`` would keep batch x length x vocab).
+
+    Example: a 1-token vocabulary step is certain (log-prob 0): scores [[5.0]] at any temperature give [[0.0]].
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self._last: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is not None:
+            self._steps.append(self._last.gather(1, input_ids[:, -1:].to(self._last.device))[:, 0])
+        self._last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.calls += 1
+        return scores
+
+    def per_completion(self, sequences: torch.Tensor, lengths: list[int]) -> list[list[float]] | None:
+        """Per row, the log-probs of its first ``lengths[row]`` new tokens, given the generated ``sequences``
+        (prompt + new tokens); None when the calls do not match the new tokens (another decoding path ran)."""
+        if self._last is None or len(sequences) != len(lengths) or max(lengths, default=0) > self.calls:
+            return None
+        steps = [*self._steps, self._last.gather(1, sequences[:, -1:].to(self._last.device))[:, 0]]
+        table = torch.stack(steps, dim=1).cpu()
+        return [table[row, :n].tolist() for row, n in enumerate(lengths)]
+
+    @contextlib.contextmanager
+    def attached(self, model):
+        """While the block runs, ``model.generate`` samples with this recorder in its logits-processor chain and
+        keeps the sequences it returns (`sequences`)."""
+        generate = model.generate
+        self.sequences = None
+
+        def recording_generate(*args, **kwargs):
+            if kwargs.get("logits_processor") is not None:
+                raise RuntimeError("SamplingLogprobRecorder: generate already has a logits_processor")
+            out = generate(*args, logits_processor=LogitsProcessorList([self]), **kwargs)
+            self.sequences = out if isinstance(out, torch.Tensor) else None
+            return out
+
+        model.generate = recording_generate  # an instance attribute: shadows the method for this model only
+        try:
+            yield self
+        finally:
+            del model.generate
 
 
 @contextlib.contextmanager
@@ -124,6 +195,11 @@ class GRPOTrainer(TRLGRPOTrainer):
         self.passes_sampling_logprobs = plain_tempered_sampling(self.args)
         self._pending_is_inputs: tuple | None = None  # (model, inputs) of the running _compute_loss
         self._last_sampling_logprobs: list | None = None
+        self._hf_sampling_logprobs: list | None = None  # recorded during HF generate (item 2)
+        # HF generate records them only for a reward that uses them (a log-softmax per step otherwise wasted)
+        self.records_hf_sampling_logprobs = bool(
+            self.passes_sampling_logprobs and not self.use_vllm and not self.use_transformers_continuous_batching
+            and not self.tools and any(_uses_sampling_logprobs(f) for f in self.reward_funcs))
 
     # ---- 1. the importance-sampling ratio from the loss forward
 
@@ -185,9 +261,24 @@ class GRPOTrainer(TRLGRPOTrainer):
 
     # ---- 2. sampling log-probs for reward functions
 
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        self._hf_sampling_logprobs = None
+        if self.use_vllm or not self.records_hf_sampling_logprobs:
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        recorder = SamplingLogprobRecorder(self.temperature)
+        with recorder.attached(self.accelerator.unwrap_model(self.model_wrapped)):  # the model TRL generates with
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        if recorder.sequences is not None:
+            self._hf_sampling_logprobs = recorder.per_completion(recorder.sequences, [len(c) for c in completion_ids])
+        if self._hf_sampling_logprobs is None:
+            log.warning("HF generation: the sampling log-probs were not recorded; rewards get none this round")
+        return completion_ids, logprobs  # TRL's own values (None for HF generation): its loss path is unchanged
+
     def _generate(self, prompts):
+        self._hf_sampling_logprobs = None
         out = super()._generate(prompts)
-        self._last_sampling_logprobs = out[4]  # per completion: sampling log-probs, or None (HF generate)
+        # per completion: vLLM's sampling log-probs, those recorded during HF generate, or None
+        self._last_sampling_logprobs = out[4] if out[4] is not None else self._hf_sampling_logprobs
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

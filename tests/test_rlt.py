@@ -36,6 +36,7 @@ def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
         for key in ("teacher_kl/log_prob_term", "teacher_kl/kl_term", "teacher_kl/match_reward", "kl"):
             assert key in r, sorted(r)
         assert r["reward"] == pytest.approx(r["teacher_kl/reward"], abs=1e-4)
+        assert r["teacher_kl/reused_sampling_logprobs"] > 0  # recorded during HF generate: no teacher forward
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(lines) == 3 and "log-prob term" in lines[0] and "kl term" in lines[0]
     with open(tmp_path / "stored_completions" / "step_0.csv") as f:
@@ -43,6 +44,19 @@ def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
     assert len(rows) == 8 and rows[0]["prompt"].endswith("<|begin_of_explanation|>\n\n")
     chats = (tmp_path / "teacher_chats" / "log.txt").read_text()
     assert "<|begin_of_thought|>" in chats and "<|begin_of_solution|>" in chats
+
+
+def test_hf_sampling_logprobs_score_as_the_teacher_forward(compose, tmp_path):
+    """HF generation: the first step (same seed, weights and samples) scores the same with the log-probs recorded
+    while sampling as with the teacher forward."""
+    reuse = _rlt(compose, tmp_path / "reuse", "max_steps=1")
+    forward = _rlt(compose, tmp_path / "forward", "teacher_reuse_sampling_logprobs=false", "max_steps=1")
+    assert reuse["global_step"] == forward["global_step"] == 1
+    r, f = (read_metrics(tmp_path / name / "metrics.jsonl")[0] for name in ("reuse", "forward"))
+    assert r["teacher_kl/reused_sampling_logprobs"] > 0 and f["teacher_kl/reused_sampling_logprobs"] == 0
+    assert r["completions/mean_length"] == f["completions/mean_length"]
+    for key in ("reward", "teacher_kl/kl_term", "teacher_kl/teacher_think_log_prob_mean"):
+        assert r[key] == pytest.approx(f[key], abs=1e-4), key
 
 
 def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path, monkeypatch):

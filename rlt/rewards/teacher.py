@@ -45,11 +45,11 @@ no-entropy twin):
 * Likewise each NaN/inf reduction of the log-prob term counts as ``p`` (an empty solution span: ``p * sum_j a_j``).
 
 With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
-(only the twin is computed). With a vLLM generator `rlt.trainers.GRPOTrainer` passes the sampling log-probs, which
-are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the teacher forward is then skipped
-(``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``) but for one prefill per distinct
-prompt that scores the padding tokens (they are prompt tokens, which the generator does not score). Per-completion values of the last
-call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``: the
+(only the twin is computed). `rlt.trainers.GRPOTrainer` passes the generator's sampling log-probs (vLLM, or
+recorded during HF generate), which are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the
+teacher forward is then skipped (``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``) but
+for one prefill per distinct prompt that scores the padding tokens (they are prompt tokens, which the generator does
+not score). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``: the
 terms, each configured reduction, and as the reference logs them the unprocessed statistics (every reduction, before
 normalisation and clipping) of the solution log-probs (``log_prob_raw_<r>``), the per-token KL (``kl_raw_<r>``) and
 its no-entropy twin ``-s_k`` (``no_entropy_kl_raw_<r>``).
@@ -160,8 +160,8 @@ class TeacherKLReward:
         include_teacher_think_entropy: False -> the reward uses ``-s_k`` instead of ``d_k`` (no teacher forward).
         temperature: the teacher's sampling temperature (pass the trainer's; TRL's default is 1.0).
         reuse_sampling_logprobs: when the trainer passes the generator's sampling log-probs (`rlt.trainers`:
-            vLLM, plain tempered sampling) at ``tau_T``, use them as ``q_k`` instead of a teacher forward; rows whose
-            log-probs are missing or non-finite are still scored by the forward.
+            vLLM or HF generation, plain tempered sampling) at ``tau_T``, use them as ``q_k`` instead of a teacher
+            forward; rows whose log-probs are missing or non-finite are still scored by the forward.
         batch_size: sequences per scoring forward.
         share_prefixes: score the completions of one prompt on one forward of their common prefix (the teacher
             prompt; the student's system prompt + question), shared through the KV cache.
@@ -290,6 +290,12 @@ class TeacherKLReward:
     @property
     def needs_teacher_forward(self) -> bool:
         return self.kl_active and self.include_teacher_think_entropy
+
+    @property
+    def uses_sampling_logprobs(self) -> bool:
+        """Whether the generator's sampling log-probs would replace a teacher forward (the trainer records them
+        during HF generation only for rewards that say so)."""
+        return self.reuse_sampling_logprobs and self.needs_teacher_forward
 
     @staticmethod
     @contextlib.contextmanager
@@ -452,8 +458,8 @@ class TeacherKLReward:
         """One reward per completion. ``question``/``solution``/``teacher_format`` are the RL dataset's columns
         (`rlt.data.teacher.teacher_rl_prompt`). ``sampling_logprobs`` (one list per completion, aligned with
         ``completion_ids``) and ``sampling_temperature`` (a float or one per completion) are what
-        `rlt.trainers.GRPOTrainer` passes from a vLLM generator: with ``reuse_sampling_logprobs`` on and the
-        sampling temperature equal to ``tau_T`` they are ``q_k``, row by row (a row with a missing or non-finite
+        `rlt.trainers.GRPOTrainer` passes from its generator (vLLM, or HF generate with a recorder): with
+        ``reuse_sampling_logprobs`` on and the sampling temperature equal to ``tau_T`` they are ``q_k``, row by row (a row with a missing or non-finite
         value is scored by the teacher forward)."""
         n = len(prompts)
         if question is None or solution is None:
