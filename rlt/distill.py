@@ -14,8 +14,9 @@ the dataset and its columns, the tags and system prompts (`TeacherFormat`), the 
 
 Each row is sampled ``--num-samples`` times. With scoring on (the default), every sample gets the run's teacher
 reward (`rlt.rewards.TeacherKLReward`: the student's log-probs of the solution after the explanation, minus the KL
-term), scored on the sampled token ids, and the best closed, non-blank explanation of a row is kept (the reference's
-offline scorer, rlt-spec §3.8, keeps the best completion per row too). A row none of whose samples closes its
+term), scored on the sampled token ids (the teacher's own log-probs taken from the sampling when it is plain
+tempered, as in training: `reuses_sampling_logprobs`), and the best closed, non-blank explanation of a row is kept
+(the reference's offline scorer, rlt-spec §3.8, keeps the best completion per row too). A row none of whose samples closes its
 explanation is dropped and counted (``--keep-unclosed`` keeps its best sample, cut where generation stopped).
 
 Output: one JSON line per kept row, written atomically: ``question``, ``solution``, ``reasoning_trace`` (the
@@ -183,28 +184,48 @@ def _check_options(*, limit, num_samples, max_student_tokens, batch_size, max_ne
 # ------------------------------------------------------------------------------------------------------ phases
 
 
+def reuses_sampling_logprobs(run, sampling, backend: str) -> bool:
+    """Whether the teacher's sampling log-probs can stand in for the reward's teacher forward, as in the run's
+    training (`rlt.recipes.rlt`): reuse on, the teacher scored by itself (not the reference), plain tempered
+    sampling, and with vLLM an explicit ``torch_dtype`` (with ``auto`` vLLM picks its own: bfloat16 on CPU, where
+    the scoring model loads the checkpoint's float32). The reward still checks each row (temperature, missing
+    values) and scores the others by a forward."""
+    return bool(run.teacher_reuse_sampling_logprobs and not run.use_reference_teacher_model and sampling.plain
+                and not (backend == "vllm" and run.torch_dtype == "auto"))
+
+
+class _Samples(NamedTuple):
+    tokenizer: object
+    ids: list[list[list[int]]]  # per prompt, per sample: the sampled token ids
+    logprobs: list[list[list[float] | None]] | None  # the same shape: their sampling log-probs, or None
+    model: object  # the HF teacher that sampled, kept for scoring (`keep_model`), else None
+
+
 def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_samples: int, temperature: float,
-              max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int, keep_model: bool = False):
-    """``(tokenizer, ids per prompt per sample, model)``. The vLLM engine is freed before returning; the HF model
-    too, unless `keep_model` (scoring comes next and needs the same teacher): then it is returned, else None."""
+              max_new_tokens: int, batch_size: int, seed: int, kv_cache_memory_bytes: int, keep_model: bool = False,
+              logprobs: bool = False) -> _Samples:
+    """Sample `num_samples` completions per prompt (with their sampling log-probs when `logprobs`). The vLLM engine
+    is freed before returning; the HF model too, unless `keep_model` (scoring comes next and needs the same
+    teacher)."""
     from rlt.evaluate import Sampling, generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
 
-    options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed,
+    options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed, return_logprobs=logprobs,
                    sampling=Sampling.from_run(run, temperature))  # the run's top_p/top_k/min_p/repetition_penalty
+    model = None
     with ExitStack() as stack:
         if backend == "vllm":
             tokenizer, llm = vllm_engine_for(teacher, run.torch_dtype, stack, seed=seed,
                                              kv_cache_memory_bytes=kv_cache_memory_bytes)
-            ids = generate_vllm_ids(llm, tokenizer, prompts, **options)
+            out = generate_vllm_ids(llm, tokenizer, prompts, **options)
             del llm
         else:
             model, tokenizer = load_eval_model(teacher, torch_dtype=run.torch_dtype)
-            ids = generate_hf_ids(model, tokenizer, prompts, batch_size=batch_size, **options)
+            out = generate_hf_ids(model, tokenizer, prompts, batch_size=batch_size, **options)
             if not keep_model:
-                del model
-    kept = model if backend != "vllm" and keep_model else None
+                model = None
+    ids, lps = out if logprobs else (out, None)
     _free_memory()
-    return tokenizer, ids, kept
+    return _Samples(tokenizer, ids, lps, model)
 
 
 def _free_memory() -> None:
@@ -215,10 +236,13 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]],
-           teacher_model=None) -> list[list[float]]:
-    """The run's teacher reward of every sample (the teacher = `teacher`, already loaded as `teacher_model` when
-    given; the student = the run's)."""
+def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]], teacher_model=None, *,
+           logprobs: list[list[list[float] | None]] | None = None,
+           temperature: float | None = None) -> tuple[list[list[float]], int]:
+    """The run's teacher reward of every sample, and how many samples took their teacher log-probs from
+    `logprobs` (sampled at `temperature`) instead of a teacher forward. The teacher = `teacher` (already loaded as
+    `teacher_model` when given), or with ``use_reference_teacher_model`` the run's initial model, as in training;
+    the student = the run's."""
     import torch
 
     from rlt.evaluate import load_eval_model
@@ -229,7 +253,11 @@ def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[i
     check_shared_tokenizer(tokenizer, load_tokenizer(student_name, revision=run.model_revision,
                                                      trust_remote_code=run.trust_remote_code,
                                                      pad_token=run.pad_token), student_name)
-    if teacher_model is None:
+    if run.use_reference_teacher_model:  # training scored q_k with the reference model: the run's initial model
+        teacher_model = load_model(run.model_name_or_path, torch_dtype=run.torch_dtype,
+                                   attn_implementation=run.attn_implementation, revision=run.model_revision,
+                                   trust_remote_code=run.trust_remote_code, tokenizer=tokenizer)
+    elif teacher_model is None:
         teacher_model, _ = load_eval_model(teacher, torch_dtype=run.torch_dtype)
     student = load_model(student_name, torch_dtype=run.torch_dtype, attn_implementation=run.attn_implementation,
                          revision=run.model_revision, trust_remote_code=run.trust_remote_code, tokenizer=tokenizer)
@@ -238,23 +266,28 @@ def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[i
     student.to(device)
     reward = TeacherKLReward(student, tokenizer, teacher_model, teacher_format=run.teacher_format,
                              temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
-                             tokens_per_forward=run.teacher_reward_tokens_per_forward, reuse_sampling_logprobs=False,
+                             tokens_per_forward=run.teacher_reward_tokens_per_forward,
+                             reuse_sampling_logprobs=logprobs is not None,
                              **{k: getattr(run, k) for k in REWARD_KEYS})
     n = len(ids[0])  # samples per row
     rows_per_call = max(1, run.teacher_reward_batch_size * 4 // n)  # whole rows: their samples share prefix forwards
     values: list[list[float]] = []
+    reused = 0
     for start in range(0, len(rows), rows_per_call):
         part = range(start, min(start + rows_per_call, len(rows)))
+        sampled = dict(sampling_logprobs=[lp for r in part for lp in logprobs[r]],
+                       sampling_temperature=temperature) if logprobs is not None else {}
         got = reward([rows[r]["prompt"] for r in part for _ in range(n)],
                      completion_ids=[sample for r in part for sample in ids[r]],
                      question=[rows[r]["question"] for r in part for _ in range(n)],
                      solution=[rows[r]["solution"] for r in part for _ in range(n)],
-                     teacher_format=[rows[r]["teacher_format"] for r in part for _ in range(n)])
+                     teacher_format=[rows[r]["teacher_format"] for r in part for _ in range(n)], **sampled)
         values += [[float(v) for v in got[k:k + n]] for k in range(0, len(got), n)]
+        reused += reward.last_reused_sampling_logprobs
         logger.info("Scored the samples of %d of %d rows", part[-1] + 1, len(rows))
     del teacher_model, student, reward
     _free_memory()
-    return values
+    return values, reused
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -301,7 +334,8 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
     rows = ds.select(range(min(limit, len(ds)))).to_list() if limit is not None else ds.to_list()
 
     out: list[dict] = []
-    stats: dict[str, float] = dict(dropped=0, too_long=0, closed=0, reward_sum=0.0, reward_n=0)
+    stats: dict[str, float] = dict(dropped=0, too_long=0, closed=0, reward_sum=0.0, reward_n=0,
+                                   reused_sampling_logprobs=0)
     chunks = range(0, len(rows), chunk_rows)
     for c, start in enumerate(chunks):
         done = parts.load(c) if parts is not None else None
@@ -335,6 +369,8 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
         "teacher": str(teacher), "data": str(run.dataset_id_or_path), "split": split, "rows": len(rows),
         "kept": len(out), "dropped_no_closed_explanation": int(stats["dropped"]),
         "dropped_too_long": int(stats["too_long"]), "samples_closed": int(stats["closed"]),
+        # samples whose teacher log-probs came from the generator (no teacher forward; `reuses_sampling_logprobs`)
+        "samples_reusing_sampling_logprobs": int(stats["reused_sampling_logprobs"]),
         **{k: settings[k] for k in ("max_student_tokens", "num_samples", "backend", "temperature", "max_new_tokens",
                                     "seed", "chunk_rows")},
         "select": select, "sampling": Sampling.from_run(run, temperature).describe(),
@@ -350,21 +386,29 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
                    kv_cache_memory_bytes) -> tuple[list[dict], dict[str, float]]:
     """One chunk: generate, then score (one model set on the device at a time), then keep one sample per row."""
     from rlt.data.teacher import student_messages
+    from rlt.evaluate import Sampling
 
-    tokenizer, ids, teacher_model = _generate(
+    reuse = score and reuses_sampling_logprobs(run, Sampling.from_run(run, temperature), backend)
+    samples = _generate(
         teacher, run, [r["prompt"] for r in rows], backend=backend, num_samples=num_samples, temperature=temperature,
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes,
-        keep_model=score)  # HF: the teacher that generated also scores (one load per chunk)
+        keep_model=score and not run.use_reference_teacher_model,  # HF: the teacher that sampled also scores
+        logprobs=reuse)
+    tokenizer, ids = samples.tokenizer, samples.ids
     special = set(tokenizer.all_special_ids)
     explanations = [[parse_explanation(_decode_like_the_reward(tokenizer, sample, special), fmt) for sample in row]
                     for row in ids]
-    rewards: list[list[float | None]] = _score(teacher, run, tokenizer, rows, ids, teacher_model) if score else \
-        [[None] * len(row) for row in ids]
-    del teacher_model
+    reused = 0
+    if score:
+        rewards, reused = _score(teacher, run, tokenizer, rows, ids, samples.model, logprobs=samples.logprobs,
+                                 temperature=temperature)
+    else:
+        rewards = [[None] * len(row) for row in ids]
+    del samples
     out: list[dict] = []
     finite = [v for row in rewards for v in row if v is not None and math.isfinite(v)]
     stats = dict(dropped=0, too_long=0, closed=sum(e.closed and not e.blank for row in explanations for e in row),
-                 reward_sum=sum(finite), reward_n=len(finite))
+                 reward_sum=sum(finite), reward_n=len(finite), reused_sampling_logprobs=reused)
     for index, (row, exps, rs) in enumerate(zip(rows, explanations, rewards, strict=True)):
         pick = pick_sample(exps, rs, select=select, keep_unclosed=keep_unclosed)
         if pick is None:

@@ -136,6 +136,15 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain(self) -> bool:
+        """Sampling whose per-token log-probs are ``log_softmax(logits / temperature)``: not greedy, no filter, no
+        repetition penalty (`rlt.config.logit_processing`). ``Sampling(0.7).plain`` is True,
+        ``Sampling(0.7, top_p=0.9).plain`` and ``Sampling().plain`` (greedy) are False."""
+        from rlt.config import logit_processing
+
+        return not self.greedy and not logit_processing(self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+
     def problems(self) -> list[str]:
         """What is wrong with these values, one phrase each (empty when they are usable)."""
         def number(v) -> bool:
@@ -212,14 +221,22 @@ def _check_sampling(sampling: Sampling, num_samples: int) -> None:
 
 
 def generate_hf_ids(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                    num_samples: int = 1, sampling: Sampling = GREEDY,
-                    seed: int | None = None) -> list[list[list[int]]]:
+                    num_samples: int = 1, sampling: Sampling = GREEDY, seed: int | None = None,
+                    return_logprobs: bool = False):
     """As `generate_hf`, the sampled token ids of each completion: up to and including its first end-of-sequence
-    token, without the padding after it."""
+    token, without the padding after it. With `return_logprobs` (plain tempered sampling only, `Sampling.plain`):
+    ``(ids, logprobs)``, ``logprobs[prompt][sample][t]`` = ``log_softmax(logits / temperature)`` of token ``t`` as
+    it was sampled (`rlt.generation.hf_logprobs.SamplingLogprobRecorder`; None for a batch where the recorder did
+    not see the sampling steps)."""
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from rlt.generation.hf_logprobs import SamplingLogprobRecorder
 
     _check_sampling(sampling, num_samples)
+    if return_logprobs and not sampling.plain:
+        raise ValueError(f"sampling log-probs are log_softmax(logits / temperature) only for plain tempered sampling; "
+                         f"got {sampling.describe()}")
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
@@ -233,18 +250,24 @@ def generate_hf_ids(model, tokenizer, texts: Sequence[str], *, max_new_tokens: i
     model.eval()
     tokenizer.padding_side = "left"
     results: list[list[list[int]]] = []
+    logprobs: list[list[list[float] | None]] = []
     try:
         for start in range(0, len(texts), prompts_per_batch):
             batch = list(texts[start:start + prompts_per_batch])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            recorder = SamplingLogprobRecorder(sampling.temperature) if return_logprobs else None
+            extra = dict(logits_processor=LogitsProcessorList([recorder])) if recorder is not None else {}
             with torch.no_grad():
-                out = model.generate(**enc, generation_config=config)
+                out = model.generate(**enc, generation_config=config, **extra)
             rows = [_until_eos(r, eos) for r in out[:, enc["input_ids"].shape[1]:].tolist()]
             results.extend(rows[i * num_samples:(i + 1) * num_samples] for i in range(len(batch)))
+            if recorder is not None:
+                lps = recorder.per_completion(out, [len(r) for r in rows]) or [None] * len(rows)
+                logprobs.extend(lps[i * num_samples:(i + 1) * num_samples] for i in range(len(batch)))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return results
+    return (results, logprobs) if return_logprobs else results
 
 
 def _until_eos(ids: list[int], eos: Sequence[int]) -> list[int]:
@@ -271,12 +294,13 @@ def make_vllm_engine(model_path: str, *, seed: int = 0, dtype: str = "auto",
                      kv_cache_memory_bytes=None if torch.cuda.is_available() else kv_cache_memory_bytes)
 
 
-def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, sampling: Sampling, seed):
+def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, sampling: Sampling, seed,
+                  logprobs: int | None = None):
     from vllm import SamplingParams
 
     _check_sampling(sampling, num_samples)
     params = SamplingParams(n=num_samples, max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True,
-                            **sampling.vllm_kwargs())
+                            logprobs=logprobs, **sampling.vllm_kwargs())
     prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
     return llm.generate(prompts, params, use_tqdm=False)
 
@@ -292,11 +316,27 @@ def generate_vllm(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, 
 
 
 def generate_vllm_ids(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: int, num_samples: int = 1,
-                      sampling: Sampling = GREEDY, seed: int | None = None) -> list[list[list[int]]]:
-    """As `generate_vllm`, the sampled token ids of each completion (with its end-of-sequence token, if any)."""
+                      sampling: Sampling = GREEDY, seed: int | None = None, return_logprobs: bool = False):
+    """As `generate_vllm`, the sampled token ids of each completion (with its end-of-sequence token, if any). With
+    `return_logprobs` (plain tempered sampling only): ``(ids, logprobs)`` as `generate_hf_ids` gives them, vLLM's
+    processed log-probs of the sampled tokens (the engine's ``logprobs_mode``, `make_vllm_engine`)."""
+    if return_logprobs and not sampling.plain:
+        raise ValueError(f"sampling log-probs are log_softmax(logits / temperature) only for plain tempered sampling; "
+                         f"got {sampling.describe()}")
     outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
-                            sampling=sampling, seed=seed)
-    return [[list(o.token_ids) for o in out.outputs] for out in outputs]
+                            sampling=sampling, seed=seed, logprobs=0 if return_logprobs else None)
+    ids = [[list(o.token_ids) for o in out.outputs] for out in outputs]
+    if not return_logprobs:
+        return ids
+    return ids, [[_sampled_logprobs(o) for o in out.outputs] for out in outputs]
+
+
+def _sampled_logprobs(output) -> list[float] | None:
+    """The log-prob of each sampled token of one vLLM completion (``logprobs=0`` returns the sampled token's only),
+    or None when vLLM returned none."""
+    if output.logprobs is None or len(output.logprobs) != len(output.token_ids):
+        return None
+    return [step[token].logprob for token, step in zip(output.token_ids, output.logprobs, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------------ scoring

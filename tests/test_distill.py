@@ -25,6 +25,7 @@ from rlt.distill import (
     teacher_model_dir,
 )
 from rlt.errors import ConfigError, DataError
+from rlt.evaluate import Sampling
 from rlt.train import run_training
 
 STRATOS = get_teacher_format("stratos")
@@ -124,7 +125,8 @@ def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_pat
     tok = load_tokenizer(tiny_model_path)
     texts = ["one plus two<|end_of_explanation|>", "it is three", "three<|end_of_explanation|>"]
     fixed = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    monkeypatch.setattr(distill_mod, "_generate", lambda *a, **k: (tok, [list(fixed) for _ in a[2]], None))
+    monkeypatch.setattr(distill_mod, "_generate",
+                        lambda *a, **k: distill_mod._Samples(tok, [list(fixed) for _ in a[2]], None, None))
     rows, summary = distill_mod.distill(teacher="rlt:tiny", run=run, limit=2, num_samples=3)
     assert summary["rows"] == 2 and summary["kept"] == 2 and summary["samples_closed"] == 4
 
@@ -164,6 +166,63 @@ def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_pat
                             max_student_tokens=10)
 
 
+def test_scoring_reuses_the_teachers_sampling_logprobs():
+    """Plain tempered sampling (the run's T = 0.7): the reward's teacher log-probs come from the generator (no
+    teacher forward over the explanations), as in training. The same seed gives the same samples with reuse off and
+    with a no-op filter (top_k over the whole vocabulary, which makes the log-probs "filtered": no reuse); their
+    rewards, scored by the teacher forward, equal the reused ones within 1e-4."""
+    import rlt.distill as distill_mod
+
+    got = {}
+    for name, extra in (("reuse", []), ("forward", ["teacher_reuse_sampling_logprobs=false"]),
+                        ("filtered", ["top_k=100000"])):
+        run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["max_completion_length=12", *extra])
+        got[name] = distill_mod.distill(teacher="rlt:tiny", run=run, limit=3, num_samples=2, keep_unclosed=True)
+    rows, summary = got["reuse"]
+    assert summary["samples_reusing_sampling_logprobs"] == 6  # every sample has a non-blank explanation body here
+    for other in ("forward", "filtered"):
+        other_rows, other_summary = got[other]
+        assert other_summary["samples_reusing_sampling_logprobs"] == 0
+        assert [r["messages"] for r in other_rows] == [r["messages"] for r in rows]  # the same samples were kept
+        assert [r["teacher_reward"] for r in other_rows] == pytest.approx([r["teacher_reward"] for r in rows],
+                                                                          abs=1e-4)
+        assert other_summary["mean_reward_all_samples"] == pytest.approx(summary["mean_reward_all_samples"], abs=1e-4)
+    assert not distill_mod.reuses_sampling_logprobs(run, Sampling.from_run(run), "hf")  # the filtered run
+    run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["torch_dtype=auto"])
+    assert distill_mod.reuses_sampling_logprobs(run, Sampling(0.7), "hf")
+    assert not distill_mod.reuses_sampling_logprobs(run, Sampling(0.7), "vllm")  # vLLM's own dtype choice
+
+
+def test_a_reference_teacher_run_is_scored_with_its_initial_model(monkeypatch, tiny_model_path):
+    """``use_reference_teacher_model``: training took q_k from the reference model (the run's initial model, here
+    rlt:tiny), not from the policy; distillation scores the same way, whatever teacher samples (here rlt:tiny-wide)."""
+    import rlt.distill as distill_mod
+    from rlt.models import load_model, load_tokenizer
+    from rlt.rewards.teacher import TeacherKLReward
+
+    run = load_run_config("rlt:tiny-wide", run_cfg="teacher_rlt_tiny",
+                          overrides=["use_reference_teacher_model=true", "student_model=rlt:tiny-wide"])
+    assert run.model_name_or_path == "rlt:tiny"
+    tok = load_tokenizer(tiny_model_path)
+    fixed = [tok("one plus two<|end_of_explanation|>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    monkeypatch.setattr(distill_mod, "_generate",
+                        lambda *a, **k: distill_mod._Samples(tok, [list(fixed) for _ in a[2]], None, None))
+    rows, summary = distill_mod.distill(teacher="rlt:tiny-wide", run=run, limit=1)
+    assert summary["samples_reusing_sampling_logprobs"] == 0
+
+    student, initial = load_model("rlt:tiny-wide", tokenizer=tok), load_model("rlt:tiny", tokenizer=tok)
+    keys = {k: getattr(run, k) for k in distill_mod.REWARD_KEYS}
+    keys.update(teacher_format=run.teacher_format, temperature=run.temperature)
+    row = rows[0]
+    call = dict(completion_ids=fixed, question=[row["question"]], solution=[row["solution"]])
+    prompt = [teacher_rl_prompt(TeacherRow(question=row["question"], solution=row["solution"], trace=None),
+                                get_teacher_format(run.teacher_format), tok)["prompt"]]
+    expected = TeacherKLReward(student, tok, initial, **keys)(prompt, **call)[0]
+    by_sampler = TeacherKLReward(student, tok, student, **keys)(prompt, **call)[0]
+    assert abs(expected - by_sampler) > 1e-3  # the test tells the two teachers apart
+    assert row["teacher_reward"] == pytest.approx(expected, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained_teacher(tmp_path_factory):
     """A 2-step RLT run of the tiny teacher (its run dir: config.yaml + final/)."""
@@ -191,6 +250,7 @@ def _distill_then_student(tmp_path, teacher_dir, capsys, *extra):
     summary = json.loads((tmp_path / "distilled.jsonl.summary.json").read_text())
     assert summary["kept"] == len(rows) == 6 and summary["num_samples"] == 2
     assert summary["max_new_tokens"] == 16  # the run's max_completion_length
+    assert summary["samples_reusing_sampling_logprobs"] > 0  # the generator's log-probs replaced teacher forwards
     assert not (tmp_path / "distilled.jsonl.parts").exists()  # the finished chunks are gone once the output is written
     for row in rows:
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
@@ -254,8 +314,8 @@ def test_samples_are_drawn_with_the_runs_sampling_filters():
     for top_k, same in ((1, True), (None, False)):
         run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
                               overrides=[f"top_k={'null' if top_k is None else top_k}", "temperature=1.0"])
-        _, ids, _ = _generate("rlt:tiny", run, prompts, backend="hf", num_samples=2, temperature=None,
-                           max_new_tokens=12, batch_size=4, seed=0, kv_cache_memory_bytes=1 << 26)
+        ids = _generate("rlt:tiny", run, prompts, backend="hf", num_samples=2, temperature=None,
+                        max_new_tokens=12, batch_size=4, seed=0, kv_cache_memory_bytes=1 << 26).ids
         assert (ids[0][0] == ids[0][1]) is same
 
 

@@ -190,6 +190,59 @@ def test_vllm_sampling_filters_are_applied(tiny_model_path):
     _top_k_1_is_greedy(lambda texts, **kw: generate_vllm_ids(llm, tokenizer, texts, max_new_tokens=12, **kw))
 
 
+def _forward_logprobs(model, tokenizer, text: str, ids: list[int], temperature: float) -> list[float]:
+    """The obviously-correct value: one forward over prompt + completion, log_softmax(logits / T) at each token."""
+    import torch
+
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(ids)[:, None])[:, 0].tolist()
+
+
+def _sampling_logprobs_match_a_forward(generate, model, tokenizer):
+    """Prompts of different lengths (left padding), 2 samples each, T = 0.7: every sampled token's log-prob equals
+    the forward's within 1e-4; a filtered sampling is refused (its log-probs would not be log_softmax(logits/T))."""
+    texts = ["<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n", "Hello"]
+    ids, logprobs = generate(texts, num_samples=2, sampling=Sampling(0.7), seed=0, return_logprobs=True)
+    assert [len(row) for row in ids] == [2, 2] and [len(row) for row in logprobs] == [2, 2]
+    for text, row_ids, row_lps in zip(texts, ids, logprobs, strict=True):
+        for sample, lps in zip(row_ids, row_lps, strict=True):
+            assert len(lps) == len(sample) > 0
+            assert lps == pytest.approx(_forward_logprobs(model, tokenizer, text, sample, 0.7), abs=1e-4)
+    with pytest.raises(ValueError, match="plain tempered sampling; got temperature 0.7, top_k 5"):
+        generate(texts, num_samples=1, sampling=Sampling(0.7, top_k=5), seed=0, return_logprobs=True)
+
+
+def test_hf_sampling_logprobs_match_a_forward(tiny_model_path):
+    from rlt.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path, padding_side="left")
+    model = load_model(tiny_model_path, tokenizer=tokenizer)
+    _sampling_logprobs_match_a_forward(
+        lambda texts, **kw: generate_hf_ids(model, tokenizer, texts, max_new_tokens=12, batch_size=8, **kw),
+        model, tokenizer)
+
+
+@pytest.mark.vllm
+def test_vllm_sampling_logprobs_match_a_forward(tiny_model_path):
+    pytest.importorskip("vllm")
+    from rlt.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path, padding_side="left")
+    model = load_model(tiny_model_path, tokenizer=tokenizer)
+    llm = make_vllm_engine(tiny_model_path, kv_cache_memory_bytes=32 << 20, max_model_len=256,
+                           dtype="float32")  # the HF model's (vLLM's CPU default for "auto" is bfloat16)
+    _sampling_logprobs_match_a_forward(
+        lambda texts, **kw: generate_vllm_ids(llm, tokenizer, texts, max_new_tokens=12, **kw), model, tokenizer)
+
+
+def test_sampling_plain_is_what_has_plain_logprobs():
+    assert Sampling(0.7).plain and Sampling(1.0, top_p=1.0, top_k=None, min_p=0.0).plain
+    assert not any(s.plain for s in (GREEDY, Sampling(0.7, top_p=0.9), Sampling(0.7, top_k=20),
+                                     Sampling(0.7, min_p=0.05), Sampling(0.7, repetition_penalty=1.1)))
+
+
 def test_gsm8k_accuracy_api_for_the_sft_recipe(tiny_model_path):
     from rlt.models import load_model, load_tokenizer
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlt.trainers import SamplingLogprobRecorder, importance_sampling_ratio, plain_tempered_sampling
+from rlt.generation.hf_logprobs import SamplingLogprobRecorder
+from rlt.trainers import importance_sampling_ratio, plain_tempered_sampling
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
