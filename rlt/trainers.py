@@ -30,6 +30,22 @@ an offloadable reference model.
    the tokenizer repair added a pad token and the policy's embeddings were resized (`rlt.models.load_model`), the
    reference had fewer rows: its forward over padded batches indexed past its embedding (and a ``sync_ref_model``
    mix failed on the shapes). The rebuilt reference is resized to the policy's rows, the new rows copied from it.
+6. **No forward over trailing padding.** TRL right-pads every completion of a generation batch to the longest one
+   and runs each log-prob forward (reference, old policy, the loss forward and its backward) over that full width,
+   chunk by chunk. Here each chunk is cut after the last completion column any of its rows attends to
+   (`completion_columns`) and the log-probs and entropies are padded back with zeros, which is what TRL's fused
+   head returns at masked positions: the same tensors, less work when lengths vary (causal attention: a valid
+   token never sees the columns after it). Text-only inputs (multimodal inputs keep TRL's path). Chunks of a
+   multi-chunk forward (the reference's and old policy's, over a whole generation round) take rows in order of
+   completion length, so a long completion widens one chunk, not all; outputs come back in the caller's order.
+7. **Micro-batches grouped by completion length.** TRL shuffles a generation round before splitting it into
+   micro-batches, so one long completion pads most of them to its length. Where the partition cannot change the
+   update (`groups_micro_batches_by_length`: every round inside one optimizer step, equal micro-batches, and a loss
+   whose sum over micro-batches is the same for any partition: grpo, dr_grpo, dapo, sapo, cispo, luspo; not bnpo,
+   which normalises per micro-batch, nor a ``top_entropy_quantile`` below 1, a per-micro-batch quantile), the rows
+   are ordered by completion length instead, longest first (a run that runs out of memory does so on its first
+   micro-batch). TRL's random permutation is still drawn, so the random stream (and the next round's samples) is
+   TRL's. With 6, the loss forward and backward of each micro-batch cover about its own lengths.
 """
 
 from __future__ import annotations
@@ -123,9 +139,83 @@ def _reference_like(policy):
         grpo_module.create_model_from_path = build
 
 
+def completion_ends(attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Per row, 1 + the last completion column it attends to (0 for none): its completion's padded-to width.
+
+    Worked example: completion columns [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]] -> [2, 1, 0, 4].
+    """
+    if logits_to_keep == 0:
+        return torch.zeros(attention_mask.size(0), dtype=torch.long, device=attention_mask.device)
+    comp = attention_mask[:, attention_mask.size(1) - logits_to_keep:].bool()
+    return (comp * torch.arange(1, logits_to_keep + 1, device=comp.device)).amax(dim=1)
+
+
+def completion_columns(attention_mask: torch.Tensor, logits_to_keep: int, multiple: int | None = None) -> int:
+    """How many of the last `logits_to_keep` columns of `attention_mask` (the right-padded completions) a forward over
+    these rows needs: up to the last column any row attends to, at least 1, rounded up to a `multiple` (TRL's
+    ``pad_to_multiple_of``) but never past `logits_to_keep`.
+
+    Worked example: prompt columns [1, 1] and completion columns [[1, 1, 0, 0], [1, 0, 0, 0]] (logits_to_keep 4)
+    -> 2; completions all masked [[0, 0, 0, 0]] -> 1; [[1, 1, 1, 0]] with multiple 2 -> 4 (3 rounded up), with
+    multiple 8 -> 4 (capped).
+    """
+    ends = completion_ends(attention_mask, logits_to_keep)
+    width = max(int(ends.max()) if ends.numel() else 0, 1)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    return min(width, logits_to_keep)
+
+
+# loss types whose sum over the micro-batches of one optimizer step does not depend on how rows are split (equal
+# micro-batches): per-sequence means averaged, or sums over a global token count (TRL 1.16 `_compute_loss`)
+PARTITION_FREE_LOSSES = ("grpo", "dr_grpo", "dapo", "sapo", "cispo", "luspo")
+
+
+def ordered_by_completion_length(batch: dict) -> dict:
+    """The rows of a generation round (TRL's dict of per-row tensors and lists) ordered by completion length, longest
+    first (stable), permuted as TRL's ``shuffle_sequence_dict`` permutes them (0-dim tensors and None kept).
+
+    Worked example: completion_mask [[1, 0, 0], [1, 1, 1], [1, 1, 0]] and ``{"x": ["a", "b", "c"]}`` -> rows in the
+    order 1, 2, 0: x = ["b", "c", "a"].
+    """
+    mask = batch["completion_mask"]
+    order = torch.argsort(completion_ends(mask, mask.size(1)), descending=True, stable=True)
+
+    def permute(v):
+        if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v[order.to(v.device)]
+        return [v[i] for i in order.tolist()]
+
+    return {key: permute(value) for key, value in batch.items()}
+
+
+@contextlib.contextmanager
+def _rounds_split_by_length():
+    """While TRL's `_prepare_inputs` splits a generation round, its shuffle orders rows by completion length (the
+    random permutation still drawn, so the random stream is unchanged)."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    shuffle = grpo_module.shuffle_sequence_dict
+
+    def by_length(batch):
+        shuffle(batch)  # TRL's permutation: drawn for the random stream, not used
+        return ordered_by_completion_length(batch)
+
+    grpo_module.shuffle_sequence_dict = by_length
+    try:
+        yield
+    finally:
+        grpo_module.shuffle_sequence_dict = shuffle
+
+
 class GRPOTrainer(TRLGRPOTrainer):
-    """TRL's GRPOTrainer plus the five additions of the module docstring. `is_ratio_from_loss` tells whether saving 1
-    is active for this configuration."""
+    """TRL's GRPOTrainer plus the seven additions of the module docstring. `is_ratio_from_loss` and
+    `groups_micro_batches_by_length` tell whether additions 1 and 7 are active for this configuration;
+    `trims_completion_padding` switches addition 6 (on)."""
+
+    trims_completion_padding = True
 
     def __init__(self, *args, offload_reference: bool = False, **kwargs):
         policy = kwargs.get("model", args[0] if args else None)
@@ -143,6 +233,10 @@ class GRPOTrainer(TRLGRPOTrainer):
         self.records_hf_sampling_logprobs = bool(
             self.passes_sampling_logprobs and not self.use_vllm and not self.use_transformers_continuous_batching
             and not self.tools and any(_uses_sampling_logprobs(f) for f in self.reward_funcs))
+        self.groups_micro_batches_by_length = bool(
+            self.loss_type in PARTITION_FREE_LOSSES and self.top_entropy_quantile >= 1.0
+            and not getattr(self.args, "use_liger_kernel", False)
+            and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0)
 
     # ---- 1. the importance-sampling ratio from the loss forward
 
@@ -169,13 +263,56 @@ class GRPOTrainer(TRLGRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         if model is self.ref_model and self.offloads_reference:
             with self.reference_on_device():
-                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+                return self._logps_without_trailing_padding(model, *args, **kwargs)
+        logps, entropies, aux_loss = self._logps_without_trailing_padding(model, *args, **kwargs)
         pending = self._pending_is_inputs
         if pending is not None and model is pending[0]:  # the loss forward of the policy inside _compute_loss
             self._pending_is_inputs = None
             pending[1]["importance_sampling_ratio"] = self._ratio_and_metrics(logps.detach(), pending[1])
         return logps, entropies, aux_loss
+
+    # ---- 6. no forward over trailing padding
+
+    def _logps_without_trailing_padding(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                        compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's `_get_per_token_logps_and_entropies`, each chunk of `batch_size` rows cut after its last attended
+        completion column (`completion_columns`) and its outputs padded back to `logits_to_keep` with zeros."""
+        compute = super()._get_per_token_logps_and_entropies
+        if not self.trims_completion_padding or any(v is not None for v in multimodal.values()):
+            return compute(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                           compute_aux_loss, **multimodal)
+        batch_size = batch_size or input_ids.size(0)
+        prompt_width = input_ids.size(1) - logits_to_keep
+        order = None  # several chunks: rows by length, so that chunks hold similar lengths (not with an MoE aux
+        if input_ids.size(0) > batch_size and not compute_aux_loss:  # loss: a mean over chunks, kept TRL's)
+            order = torch.argsort(completion_ends(attention_mask, logits_to_keep), descending=True, stable=True)
+            input_ids, attention_mask = input_ids[order], attention_mask[order]
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            mask = attention_mask[start:start + batch_size]
+            width = completion_columns(mask, logits_to_keep, self.pad_to_multiple_of)
+            lp, ent, aux = compute(model, input_ids[start:start + batch_size, :prompt_width + width],
+                                   mask[:, :prompt_width + width], width, None, compute_entropy, compute_aux_loss)
+            logps.append(torch.nn.functional.pad(lp, (0, logits_to_keep - width)))
+            if compute_entropy:
+                entropies.append(torch.nn.functional.pad(ent, (0, logits_to_keep - width)))
+            if compute_aux_loss:
+                aux_losses.append(aux)
+        logps = torch.cat(logps)
+        entropies = torch.cat(entropies) if compute_entropy else None
+        if order is not None:  # back to the caller's row order
+            inverse = torch.argsort(order)
+            logps = logps[inverse]
+            entropies = entropies[inverse] if entropies is not None else None
+        return logps, entropies, torch.stack(aux_losses).mean() if compute_aux_loss else None
+
+    # ---- 7. micro-batches grouped by completion length
+
+    def _prepare_inputs(self, generation_batch):
+        if not (self.groups_micro_batches_by_length and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        with _rounds_split_by_length():
+            return super()._prepare_inputs(generation_batch)
 
     def _ratio_and_metrics(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         sampling = inputs["sampling_per_token_logps"]

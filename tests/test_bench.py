@@ -49,3 +49,17 @@ def test_learning_quick(tmp_path):
     assert "GRPO learning benchmark" in stdout and "accuracy:" in stdout
     assert set(result["phases"]) == {"sft", "eval_before", "grpo", "eval_after"}
     assert 0.0 <= result["before"]["accuracy"] <= 1.0 and 0.0 <= result["after"]["accuracy"] <= 1.0
+
+
+def test_padding_quick(tmp_path):
+    """Same log-probs in every variant; ours forwards fewer completion positions (the cut, then the length groups)."""
+    if not (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip("GSM8K not beside the repo (../shared/data/gsm8k)")
+    stdout, result = _run("padding.py", tmp_path)
+    assert "GRPO round, training side" in stdout
+    rows = {r["variant"]: r for r in result["results"]}
+    assert set(rows) == {"trl", "cut", "cut+groups"}
+    assert all(r["max_abs_delta_vs_trl"] < 1e-3 for r in rows.values())
+    assert rows["cut+groups"]["forwarded_per_valid"] <= rows["cut"]["forwarded_per_valid"] \
+        < rows["trl"]["forwarded_per_valid"]
+    assert min(result["lengths"]) < max(result["lengths"])

@@ -117,7 +117,7 @@ TEMPERATURE = 0.7
 KV_BYTES = 32 * 2**20
 
 
-def _trainer(tiny_model_path, tmp_path, trainer_cls, reward, **overrides):
+def _trainer(tiny_model_path, tmp_path, trainer_cls, reward, eos_ids=None, **overrides):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -126,6 +126,8 @@ def _trainer(tiny_model_path, tmp_path, trainer_cls, reward, **overrides):
 
     tokenizer = load_tokenizer(tiny_model_path)
     model = load_model(tiny_model_path, torch_dtype="float32")
+    if eos_ids is not None:  # more end-of-sequence ids: completions of varied lengths from a random model
+        model.generation_config.eos_token_id = list(eos_ids)
     args = dict(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
                 per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=2,
                 max_completion_length=16, max_steps=3, learning_rate=1e-3, temperature=TEMPERATURE, beta=0.04,
@@ -243,3 +245,111 @@ def test_logit_processing_keeps_sampling_logprobs_from_rewards(tiny_model_path, 
         assert seen and not any(seen)
     finally:
         del trainer.vllm_generation.llm
+
+
+@pytest.mark.parametrize(("completion_mask", "multiple", "expected"), [
+    ([[1, 1, 0, 0], [1, 0, 0, 0]], None, 2), ([[0, 0, 0, 0]], None, 1), ([[1, 1, 1, 0]], 2, 4),
+    ([[1, 1, 1, 0]], 8, 4), ([[1, 1, 1, 1]], None, 4), ([[1, 0, 1, 0]], None, 3),
+])
+def test_completion_columns_worked_examples(completion_mask, multiple, expected):
+    from rlt.trainers import completion_columns
+
+    mask = torch.tensor([[1, 1] + row for row in completion_mask])  # two prompt columns first
+    assert completion_columns(mask, 4, multiple) == expected
+
+
+def test_log_prob_forwards_skip_trailing_padding_with_the_same_values_and_gradients(tiny_model_path, tmp_path):
+    """Six completions right-padded to 10 columns, chunks of 3: TRL forwards 15 columns per chunk; ours orders the
+    rows by length and forwards 5 + 7 and 5 + 2 (each chunk's longest completion), and returns the same log-probs
+    and entropies in the caller's order (zeros at masked positions, as TRL's fused head gives) and the same
+    gradients, within float rounding."""
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from rlt.trainers import GRPOTrainer
+
+    trainer = _trainer(tiny_model_path, tmp_path, GRPOTrainer, _length_reward, use_vllm=False)
+    model = trainer.model
+    lengths, prompt_pad = [3, 7, 2, 4, 1, 0], [0, 2, 1, 0, 3, 1]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (6, 15), generator=generator)
+    mask = torch.tensor([[0] * p + [1] * (5 - p) + [1] * n + [0] * (10 - n)
+                         for p, n in zip(prompt_pad, lengths, strict=True)])
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    results = {}
+    try:
+        for name, compute in (("trl", lambda *a, **k: TRLGRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, *a, **k)), ("ours", trainer._get_per_token_logps_and_entropies)):
+            model.zero_grad()
+            widths.clear()
+            logps, entropies, _ = compute(model, ids, mask, 10, batch_size=3, compute_entropy=True)
+            (logps * mask[:, 5:]).sum().backward()
+            results[name] = (logps.detach(), entropies.detach(), [p.grad.clone() for p in model.parameters()],
+                             list(widths))
+    finally:
+        hook.remove()
+    (trl_lp, trl_ent, trl_grads, trl_widths), (lp, ent, grads, our_widths) = results["trl"], results["ours"]
+    # rows by length (7, 4, 3 | 2, 1, 0): the chunks are 7 and 2 completion columns wide
+    assert trl_widths == [(3, 15), (3, 15)] and our_widths == [(3, 12), (3, 7)]
+    assert lp.shape == trl_lp.shape == (6, 10)
+    assert bool((lp[mask[:, 5:] == 0] == 0).all()) and bool((trl_lp[mask[:, 5:] == 0] == 0).all())
+    torch.testing.assert_close(lp, trl_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, trl_ent, rtol=0, atol=1e-5)
+    for ours, theirs in zip(grads, trl_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_steps_are_the_same_with_and_without_the_padding_cut_and_length_groups(tiny_model_path, tmp_path,
+                                                                                    loss_type):
+    """Three HF GRPO steps (beta > 0: reference forward too), completions of varied lengths (many end-of-sequence
+    ids): TRL's path, the padding cut alone, the cut + micro-batches grouped by length give the same losses and
+    gradient norms (the random stream is TRL's: the same samples every step) over narrower forwards."""
+    from rlt.trainers import GRPOTrainer
+
+    variants = {"trl": (False, False), "cut": (True, False), "cut+groups": (True, True)}
+    logs, widths = {}, {name: [] for name in variants}
+    for name, (trims, groups) in variants.items():
+        trainer = _trainer(tiny_model_path, tmp_path / name, GRPOTrainer, _length_reward, use_vllm=False,
+                           max_steps=3, eos_ids=range(5, 200), loss_type=loss_type)
+        assert trainer.groups_micro_batches_by_length
+        trainer.trims_completion_padding, trainer.groups_micro_batches_by_length = trims, groups
+        for model in (trainer.model, trainer.ref_model):
+            model.register_forward_pre_hook(
+                lambda _, args, kwargs, w=widths[name]: w.append(kwargs["input_ids"].shape[1])
+                if "labels" in kwargs else None, with_kwargs=True)
+        trainer.train()
+        logs[name] = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["trl"]) == 3
+    for name in ("cut", "cut+groups"):
+        assert [v for row in logs[name] for v in row] == pytest.approx([v for row in logs["trl"] for v in row],
+                                                                       rel=1e-4, abs=1e-6), name
+    assert all(len(w) == 12 for w in widths.values())  # per step: 2 reference chunks + 2 loss micro-batches
+    assert all(len(set(widths["trl"][k:k + 4])) == 1 for k in (0, 4, 8))  # TRL: the round's longest, everywhere
+    assert sum(widths["cut+groups"]) <= sum(widths["cut"]) < sum(widths["trl"]), widths
+
+
+def test_length_groups_only_where_the_partition_cannot_change_the_update(tiny_model_path, tmp_path):
+    from rlt.trainers import GRPOTrainer
+
+    def groups(**overrides):
+        return _trainer(tiny_model_path, tmp_path, GRPOTrainer, _length_reward, use_vllm=False,
+                        **overrides).groups_micro_batches_by_length
+
+    assert groups() and groups(loss_type="dr_grpo")
+    assert not groups(loss_type="bnpo")  # normalised per micro-batch
+    assert not groups(top_entropy_quantile=0.5)  # a per-micro-batch quantile
+    assert not groups(steps_per_generation=4)  # 2 of a round's 4 micro-batches in each optimizer step
+
+
+def test_completion_ends_and_length_order_worked_examples():
+    from rlt.trainers import completion_ends, ordered_by_completion_length
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert completion_ends(torch.cat([torch.ones(4, 2, dtype=torch.long), mask], 1), 4).tolist() == [2, 1, 0, 4]
+    batch = {"completion_mask": torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]]), "x": ["a", "b", "c"],
+             "num_items_in_batch": torch.tensor(6), "extra": None}
+    ordered = ordered_by_completion_length(batch)
+    assert ordered["x"] == ["b", "c", "a"] and ordered["completion_mask"].sum(1).tolist() == [3, 2, 1]
+    assert ordered["num_items_in_batch"] is batch["num_items_in_batch"] and ordered["extra"] is None
