@@ -136,15 +136,21 @@ def resume_checkpoint(run, out: Path) -> str | None:
 
 
 def save_final(trainer, tokenizer, final_dir: Path) -> str:
-    """Save model (or adapter) + tokenizer to a temp dir, then rename it into place: `final/` is complete or absent."""
+    """Save model (or adapter) + tokenizer to a temp dir, then rename it into place: `final/` is complete or absent.
+    Every process calls it (ZeRO-3 gathers the weights collectively); only the main one clears the temp dir, before
+    anyone writes (a late process clearing it deleted the main one's files: seen with 2 DDP processes), and renames
+    it, before anyone returns."""
     tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp, final_dir)
+    trainer.accelerator.wait_for_everyone()
     return str(final_dir)
 
 
