@@ -211,7 +211,10 @@ def generate_hf(model, tokenizer, texts: Sequence[str], *, max_new_tokens: int, 
     return [tokenizer.batch_decode(row, skip_special_tokens=True) for row in ids]
 
 
-def _check_sampling(sampling: Sampling, num_samples: int) -> None:
+def _check_sampling(sampling: Sampling, num_samples: int, *, logprobs: bool = False) -> None:
+    if logprobs and not sampling.plain:
+        raise ValueError(f"sampling log-probs are log_softmax(logits / temperature) only for plain tempered sampling; "
+                         f"got {sampling.describe()}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if sampling.problems():
@@ -233,10 +236,7 @@ def generate_hf_ids(model, tokenizer, texts: Sequence[str], *, max_new_tokens: i
 
     from rlt.generation.hf_logprobs import SamplingLogprobRecorder
 
-    _check_sampling(sampling, num_samples)
-    if return_logprobs and not sampling.plain:
-        raise ValueError(f"sampling log-probs are log_softmax(logits / temperature) only for plain tempered sampling; "
-                         f"got {sampling.describe()}")
+    _check_sampling(sampling, num_samples, logprobs=return_logprobs)
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
@@ -298,7 +298,7 @@ def _vllm_request(llm, tokenizer, texts, *, max_new_tokens, num_samples, samplin
                   logprobs: int | None = None):
     from vllm import SamplingParams
 
-    _check_sampling(sampling, num_samples)
+    _check_sampling(sampling, num_samples, logprobs=logprobs is not None)
     params = SamplingParams(n=num_samples, max_tokens=max_new_tokens, seed=seed, skip_special_tokens=True,
                             logprobs=logprobs, **sampling.vllm_kwargs())
     prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
@@ -320,9 +320,6 @@ def generate_vllm_ids(llm, tokenizer, texts: Sequence[str], *, max_new_tokens: i
     """As `generate_vllm`, the sampled token ids of each completion (with its end-of-sequence token, if any). With
     `return_logprobs` (plain tempered sampling only): ``(ids, logprobs)`` as `generate_hf_ids` gives them, vLLM's
     processed log-probs of the sampled tokens (the engine's ``logprobs_mode``, `make_vllm_engine`)."""
-    if return_logprobs and not sampling.plain:
-        raise ValueError(f"sampling log-probs are log_softmax(logits / temperature) only for plain tempered sampling; "
-                         f"got {sampling.describe()}")
     outputs = _vllm_request(llm, tokenizer, texts, max_new_tokens=max_new_tokens, num_samples=num_samples,
                             sampling=sampling, seed=seed, logprobs=0 if return_logprobs else None)
     ids = [[list(o.token_ids) for o in out.outputs] for out in outputs]

@@ -45,7 +45,8 @@ an offloadable reference model.
    which normalises per micro-batch, nor a ``top_entropy_quantile`` below 1, a per-micro-batch quantile), the rows
    are ordered by completion length instead, longest first (a run that runs out of memory does so on its first
    micro-batch). TRL's random permutation is still drawn, so the random stream (and the next round's samples) is
-   TRL's. With 6, the loss forward and backward of each micro-batch cover about its own lengths.
+   TRL's. With 6, the loss forward and backward of each micro-batch cover about its own lengths. The update is the
+   same; metrics TRL logs as a mean of per-micro-batch means (``kl``, ``entropy``, clip ratios) can differ a little.
 """
 
 from __future__ import annotations
@@ -271,49 +272,6 @@ class GRPOTrainer(TRLGRPOTrainer):
             pending[1]["importance_sampling_ratio"] = self._ratio_and_metrics(logps.detach(), pending[1])
         return logps, entropies, aux_loss
 
-    # ---- 6. no forward over trailing padding
-
-    def _logps_without_trailing_padding(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                        compute_entropy=False, compute_aux_loss=False, **multimodal):
-        """TRL's `_get_per_token_logps_and_entropies`, each chunk of `batch_size` rows cut after its last attended
-        completion column (`completion_columns`) and its outputs padded back to `logits_to_keep` with zeros."""
-        compute = super()._get_per_token_logps_and_entropies
-        if not self.trims_completion_padding or any(v is not None for v in multimodal.values()):
-            return compute(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
-                           compute_aux_loss, **multimodal)
-        batch_size = batch_size or input_ids.size(0)
-        prompt_width = input_ids.size(1) - logits_to_keep
-        order = None  # several chunks: rows by length, so that chunks hold similar lengths (not with an MoE aux
-        if input_ids.size(0) > batch_size and not compute_aux_loss:  # loss: a mean over chunks, kept TRL's)
-            order = torch.argsort(completion_ends(attention_mask, logits_to_keep), descending=True, stable=True)
-            input_ids, attention_mask = input_ids[order], attention_mask[order]
-        logps, entropies, aux_losses = [], [], []
-        for start in range(0, input_ids.size(0), batch_size):
-            mask = attention_mask[start:start + batch_size]
-            width = completion_columns(mask, logits_to_keep, self.pad_to_multiple_of)
-            lp, ent, aux = compute(model, input_ids[start:start + batch_size, :prompt_width + width],
-                                   mask[:, :prompt_width + width], width, None, compute_entropy, compute_aux_loss)
-            logps.append(torch.nn.functional.pad(lp, (0, logits_to_keep - width)))
-            if compute_entropy:
-                entropies.append(torch.nn.functional.pad(ent, (0, logits_to_keep - width)))
-            if compute_aux_loss:
-                aux_losses.append(aux)
-        logps = torch.cat(logps)
-        entropies = torch.cat(entropies) if compute_entropy else None
-        if order is not None:  # back to the caller's row order
-            inverse = torch.argsort(order)
-            logps = logps[inverse]
-            entropies = entropies[inverse] if entropies is not None else None
-        return logps, entropies, torch.stack(aux_losses).mean() if compute_aux_loss else None
-
-    # ---- 7. micro-batches grouped by completion length
-
-    def _prepare_inputs(self, generation_batch):
-        if not (self.groups_micro_batches_by_length and self.model.training):
-            return super()._prepare_inputs(generation_batch)
-        with _rounds_split_by_length():
-            return super()._prepare_inputs(generation_batch)
-
     def _ratio_and_metrics(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         sampling = inputs["sampling_per_token_logps"]
         mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
@@ -455,3 +413,46 @@ class GRPOTrainer(TRLGRPOTrainer):
                 log.warning("%s has no %s: the reference model restarts from the initial policy", resume_from_checkpoint,
                             REF_MODEL_FILE)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- 6. no forward over trailing padding
+
+    def _logps_without_trailing_padding(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                        compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's `_get_per_token_logps_and_entropies`, each chunk of `batch_size` rows cut after its last attended
+        completion column (`completion_columns`) and its outputs padded back to `logits_to_keep` with zeros."""
+        compute = super()._get_per_token_logps_and_entropies
+        if not self.trims_completion_padding or any(v is not None for v in multimodal.values()):
+            return compute(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                           compute_aux_loss, **multimodal)
+        batch_size = batch_size or input_ids.size(0)
+        prompt_width = input_ids.size(1) - logits_to_keep
+        order = None  # several chunks: rows by length, so that chunks hold similar lengths (not with an MoE aux
+        if input_ids.size(0) > batch_size and not compute_aux_loss:  # loss: a mean over chunks, kept TRL's)
+            order = torch.argsort(completion_ends(attention_mask, logits_to_keep), descending=True, stable=True)
+            input_ids, attention_mask = input_ids[order], attention_mask[order]
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            mask = attention_mask[start:start + batch_size]
+            width = completion_columns(mask, logits_to_keep, self.pad_to_multiple_of)
+            lp, ent, aux = compute(model, input_ids[start:start + batch_size, :prompt_width + width],
+                                   mask[:, :prompt_width + width], width, None, compute_entropy, compute_aux_loss)
+            logps.append(torch.nn.functional.pad(lp, (0, logits_to_keep - width)))
+            if compute_entropy:
+                entropies.append(torch.nn.functional.pad(ent, (0, logits_to_keep - width)))
+            if compute_aux_loss:
+                aux_losses.append(aux)
+        logps = torch.cat(logps)
+        entropies = torch.cat(entropies) if compute_entropy else None
+        if order is not None:  # back to the caller's row order
+            inverse = torch.argsort(order)
+            logps = logps[inverse]
+            entropies = entropies[inverse] if entropies is not None else None
+        return logps, entropies, torch.stack(aux_losses).mean() if compute_aux_loss else None
+
+    # ---- 7. micro-batches grouped by completion length
+
+    def _prepare_inputs(self, generation_batch):
+        if not (self.groups_micro_batches_by_length and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        with _rounds_split_by_length():
+            return super()._prepare_inputs(generation_batch)

@@ -1,4 +1,5 @@
-"""The RLT benchmarks run end to end with --quick (bench/teacher_reward.py, bench/rlt_step.py) and write their JSON.
+"""The RLT benchmarks run end to end with --quick (bench/teacher_reward.py, bench/rlt_step.py, bench/distill_scoring.py)
+and write their JSON.
 
 No performance assertions: CPU timings on a shared machine are noise. The one value check is that batched teacher
 rewards equal the batch-1 rewards within 1e-4 (also when the teacher's log-probs are the sampling log-probs, as with vLLM).
@@ -43,3 +44,9 @@ def test_rlt_step_bench_quick(tmp_path):
     assert med["rlt"]["step_s"] > 0 and med["grpo"]["step_s"] > 0
     assert med["rlt"]["reward"] > 0  # the teacher reward ran, and was timed
     assert result["ratio_rlt_over_grpo"] > 0
+
+
+def test_distill_scoring_bench_quick(tmp_path):
+    (result,) = _bench("distill_scoring", tmp_path)["results"]
+    assert result["runs"]["reuse"][0]["reused"] > 0 and result["runs"]["forward"][0]["reused"] == 0
+    assert result["mean_reward_delta"] < 1e-4 and result["scoring_speedup"] > 0

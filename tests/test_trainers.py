@@ -327,7 +327,11 @@ def test_grpo_steps_are_the_same_with_and_without_the_padding_cut_and_length_gro
                                                                        rel=1e-4, abs=1e-6), name
     assert all(len(w) == 12 for w in widths.values())  # per step: 2 reference chunks + 2 loss micro-batches
     assert all(len(set(widths["trl"][k:k + 4])) == 1 for k in (0, 4, 8))  # TRL: the round's longest, everywhere
-    assert sum(widths["cut+groups"]) <= sum(widths["cut"]) < sum(widths["trl"]), widths
+    assert sum(widths["cut"]) < sum(widths["trl"]), widths  # the reference chunks (rows by length) are cut
+    # the loss micro-batches (forwards 3 and 4 of each step): grouped, the longest first and narrower in total
+    loss = {name: [w[k + j] for k in (0, 4, 8) for j in (2, 3)] for name, w in widths.items()}
+    assert all(loss["cut+groups"][i] >= loss["cut+groups"][i + 1] for i in (0, 2, 4)), widths
+    assert sum(loss["cut+groups"]) < sum(loss["cut"]) <= sum(loss["trl"]), widths
 
 
 def test_length_groups_only_where_the_partition_cannot_change_the_update(tiny_model_path, tmp_path):
@@ -341,6 +345,25 @@ def test_length_groups_only_where_the_partition_cannot_change_the_update(tiny_mo
     assert not groups(loss_type="bnpo")  # normalised per micro-batch
     assert not groups(top_entropy_quantile=0.5)  # a per-micro-batch quantile
     assert not groups(steps_per_generation=4)  # 2 of a round's 4 micro-batches in each optimizer step
+
+
+def test_rounds_split_by_length_orders_the_split_and_keeps_trls_random_stream():
+    """Inside `_rounds_split_by_length`, TRL's shuffle (as `_prepare_inputs` calls it) returns the rows longest first
+    and still draws TRL's permutation: the next random number is the one TRL's shuffle leaves. Restored after."""
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl.trainer.utils import shuffle_sequence_dict
+
+    from rlt.trainers import _rounds_split_by_length
+
+    batch = {"completion_mask": torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]]), "x": ["a", "b", "c"]}
+    torch.manual_seed(0)
+    shuffle_sequence_dict(batch)
+    after_trl = torch.rand(1)
+    torch.manual_seed(0)
+    with _rounds_split_by_length():
+        ordered = grpo_module.shuffle_sequence_dict(batch)
+    assert ordered["x"] == ["b", "c", "a"] and torch.equal(torch.rand(1), after_trl)
+    assert grpo_module.shuffle_sequence_dict is shuffle_sequence_dict
 
 
 def test_completion_ends_and_length_order_worked_examples():

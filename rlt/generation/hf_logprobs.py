@@ -32,6 +32,7 @@ class SamplingLogprobRecorder(LogitsProcessor):
         self._last: torch.Tensor | None = None
         self._steps: list[torch.Tensor] = []
         self.calls = 0
+        self.sequences: torch.Tensor | None = None  # what `generate` returned, while `attached`
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._last is not None:
