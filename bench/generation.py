@@ -4,6 +4,9 @@
     python bench/generation.py --quick              # rlt:tiny only, 8 prompts x 16 tokens, 1 repeat (smoke test)
     python bench/generation.py --models rlt:tiny --num-prompts 32,128,512 --max-tokens 64,256   # a scaling grid
     python bench/generation.py --threads 1,2 --profile   # torch threads sweep + where the time goes
+    python bench/generation.py --models results/bench_cache/sft-rlt-tiny-wide-gsm8k-250/final --prompts gsm8k \
+        --stop-at-eos --max-tokens 512 --temperature 0.7   # a model that ends its answers (bench/grpo_step.py
+                                                           # --warm-up-steps builds it): lengths as sampled
 
 What is compared, per model and per (prompts, tokens, threads) case:
 
@@ -23,6 +26,13 @@ the machine hits both. Throughput = generated tokens / wall seconds of the call;
 each round, and the table shows medians with [min, max]. On a machine shared with other jobs wall time is hit by
 preemption (and, with 2+ threads, by OpenMP threads waiting for a descheduled sibling), so the ratio of tokens per
 second of this process's CPU time (user + sys) is shown too: it is less sensitive to other load.
+
+`--stop-at-eos` measures what a GRPO round does instead: each sequence ends at the tokenizer's eos or at
+`max_tokens` (HF: no `min_new_tokens`, a row's tokens counted up to and including its eos; vLLM: `stop_token_ids`
+= that eos, no `ignore_eos`). Both sample from the same distribution but draw different numbers, so the two do
+different amounts of work per call: HF's batch runs until its longest row ends, vLLM drops each row when it ends.
+Throughput is then valid (counted) tokens per second, and the mean length and the number of rows that hit the limit
+are reported per backend.
 
 `--profile` adds where the time goes: forward hooks on the decoder (HF's model; vLLM's model inside the engine)
 sum the wall time spent in model forward passes, the rest of the call is per-step overhead (sampling, scheduling,
@@ -72,12 +82,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
-def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    """`n` synthetic arithmetic questions with the <reasoning>/<answer> system prompt, chat template applied."""
+def chat_prompt_ids(tokenizer, n: int, source: str = "synthetic") -> list[list[int]]:
+    """`n` questions with the <reasoning>/<answer> system prompt, chat template applied: synthetic arithmetic, or
+    the first `n` of GSM8K's test split (`source` = a hub id or a dir with test.jsonl)."""
     from rlt.data.formats import REASONING_SYSTEM_PROMPT, gsm8k_prompt
     from rlt.data.synthetic import arithmetic_problems
 
-    rows = arithmetic_problems(n, seed=1234, max_operand=99, max_terms=3)
+    if source == "synthetic":
+        rows = arithmetic_problems(n, seed=1234, max_operand=99, max_terms=3)
+    else:
+        from rlt.data.loading import prepare_gsm8k_eval
+
+        rows = prepare_gsm8k_eval(dataset_id_or_path=source, dataset_subset="main", split="test", max_samples=n)
     texts = [tokenizer.apply_chat_template(gsm8k_prompt(r["question"], REASONING_SYSTEM_PROMPT), tokenize=False,
                                            add_generation_prompt=True) for r in rows]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -109,7 +125,7 @@ class ForwardTimer:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, path: str, tokenizer, profile: bool):
+    def __init__(self, path: str, tokenizer, profile: bool, temperature: float = 1.0, stop_at_eos: bool = False):
         import torch
 
         from rlt.models import load_model
@@ -118,6 +134,8 @@ class HFBackend:
         self.model = load_model(path, torch_dtype="float32", tokenizer=tokenizer).eval()
         self.setup_seconds = time.perf_counter() - start
         self.tokenizer, self.torch = tokenizer, torch
+        self.temperature, self.stop_at_eos = temperature, stop_at_eos
+        self.lengths: list[int] = []  # of the last call's sequences
         self.timer = ForwardTimer() if profile else None
         if self.timer:
             self.timer.attach(self.model)
@@ -130,26 +148,34 @@ class HFBackend:
         pad = tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-        config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_tokens,
-                                  min_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        config = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
+                                  max_new_tokens=max_tokens, min_new_tokens=0 if self.stop_at_eos else max_tokens,
+                                  pad_token_id=pad, eos_token_id=tok.eos_token_id)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        new = out[:, width:]
-        assert new.shape == (len(prompt_ids), max_tokens), new.shape
-        return int(new.numel())
+        new = out[:, width:].tolist()
+        if self.stop_at_eos:  # up to and including the first eos (HF pads finished rows)
+            self.lengths = [row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row) for row in new]
+        else:
+            assert all(len(row) == max_tokens for row in new), [len(row) for row in new]
+            self.lengths = [max_tokens] * len(new)
+        return sum(self.lengths)
 
 
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, path: str, max_model_len: int, kv_cache_bytes: int, profile: bool):
+    def __init__(self, path: str, max_model_len: int, kv_cache_bytes: int, profile: bool, temperature: float = 1.0,
+                 stop_at_eos: bool = False, eos_token_id: int | None = None):
         from rlt.generation.vllm_colocate import build_llm
 
         start = time.perf_counter()
         self.llm = build_llm(path, kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
                              dtype="float32")
         self.setup_seconds = time.perf_counter() - start
+        self.temperature, self.stop_at_eos, self.eos_token_id = temperature, stop_at_eos, eos_token_id
+        self.lengths: list[int] = []
         self.timer = ForwardTimer() if profile else None
         if self.timer:
             self.llm.apply_model(self.timer.attach)  # in-process engine: the hooks run in this process
@@ -158,12 +184,14 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         # detokenize=False as the trainer's ColocatedVLLMGeneration samples (TRL reads token ids only)
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        stop = {"stop_token_ids": [self.eos_token_id]} if self.stop_at_eos else {"ignore_eos": True}
+        params = SamplingParams(temperature=self.temperature, top_p=1.0, max_tokens=max_tokens, detokenize=False,
+                                **stop)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling_params=params,
                                     use_tqdm=False)
-        counts = [len(o.outputs[0].token_ids) for o in outputs]
-        assert counts == [max_tokens] * len(prompt_ids), counts
-        return sum(counts)
+        self.lengths = [len(o.outputs[0].token_ids) for o in outputs]
+        assert self.stop_at_eos or self.lengths == [max_tokens] * len(prompt_ids), self.lengths
+        return sum(self.lengths)
 
 
 def measure_case(backends: list, prompt_ids: list[list[int]], max_tokens: int, repeats: int, threads: int) -> dict:
@@ -183,7 +211,9 @@ def measure_case(backends: list, prompt_ids: list[list[int]], max_tokens: int, r
             tokens = b.run(prompt_ids, max_tokens, seed=r + 1)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             run = {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                   "tokens_per_cpu_s": tokens / cpu_seconds, "load_avg": os.getloadavg()[0]}
+                   "tokens_per_cpu_s": tokens / cpu_seconds, "load_avg": os.getloadavg()[0],
+                   "mean_length": tokens / len(prompt_ids),
+                   "at_limit": sum(n >= max_tokens for n in b.lengths)}
             if b.timer:
                 run.update(forward_seconds=b.timer.seconds, forward_calls=b.timer.calls,
                            overhead_ms_per_step=1e3 * (seconds - b.timer.seconds) / max(b.timer.calls, 1),
@@ -198,17 +228,24 @@ def measure_case(backends: list, prompt_ids: list[list[int]], max_tokens: int, r
     return result
 
 
-def print_table(results: list[dict], profile: bool) -> None:
+def _label(model: str) -> str:
+    """A model's name for the table: a long path shortened to its end (the JSON keeps the whole path)."""
+    return model if len(model) <= 18 else "..." + model[-15:]
+
+
+def print_table(results: list[dict], profile: bool, lengths: bool = False) -> None:
     head = (f"{'model':<18} {'prompts':>7} {'tokens':>6} {'thr':>3} {'hf tok/s':>22} {'vllm tok/s':>22} "
             f"{'vllm/hf wall':>20} {'vllm/hf CPU-time':>20}")
     if profile:
         head += f" {'hf fwd/ovh ms/step':>19} {'vllm fwd/ovh ms/step':>21}"
+    if lengths:
+        head += f" {'mean length hf/vllm':>20} {'at limit hf/vllm':>17}"
     print(head)
     print("-" * len(head))
     for res in results:
         for case in res["cases"]:
             runs = case["runs"]
-            line = (f"{res['model']:<18} {case['num_prompts']:>7} {case['max_tokens']:>6} {case['threads']:>3} "
+            line = (f"{_label(res['model']):<18} {case['num_prompts']:>7} {case['max_tokens']:>6} {case['threads']:>3} "
                     f"{spread([r['tokens_per_s'] for r in runs.get('hf', [])]) if 'hf' in runs else '-':>22} "
                     f"{spread([r['tokens_per_s'] for r in runs.get('vllm', [])]) if 'vllm' in runs else '-':>22} "
                     f"{spread(case['ratio_vllm_over_hf']) + 'x' if 'ratio_vllm_over_hf' in case else '-':>20} "
@@ -219,11 +256,16 @@ def print_table(results: list[dict], profile: bool) -> None:
                     cell = (f"{statistics.median(r['forward_ms_per_step'] for r in rs):.1f}/"
                             f"{statistics.median(r['overhead_ms_per_step'] for r in rs):.1f}") if rs else "-"
                     line += f" {cell:>{width}}"
+            if lengths:
+                mean = {n: statistics.mean(r["mean_length"] for r in rs) for n, rs in runs.items()}
+                limit = {n: sum(r["at_limit"] for r in rs) for n, rs in runs.items()}
+                line += (f" {mean.get('hf', float('nan')):>9.1f}/{mean.get('vllm', float('nan')):<10.1f}"
+                         f" {limit.get('hf', 0):>8}/{limit.get('vllm', 0):<8}")
             print(line)
     print()
     print(f"{'model':<18} {'params':>8} {'hf load s':>10} {'vllm build s':>13}")
     for res in results:
-        print(f"{res['model']:<18} {res['params_m']:>7.1f}M {res.get('hf_load_seconds', float('nan')):>10.1f} "
+        print(f"{_label(res['model']):<18} {res['params_m']:>7.1f}M {res.get('hf_load_seconds', float('nan')):>10.1f} "
               f"{res.get('vllm_build_seconds', float('nan')):>13.1f}")
 
 
@@ -233,18 +275,19 @@ def run_model(name: str, args) -> dict:
 
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(path)
-    all_ids = chat_prompt_ids(tokenizer, max(parse_ints(args.num_prompts)))
+    all_ids = chat_prompt_ids(tokenizer, max(parse_ints(args.num_prompts)), args.prompts)
     max_len = max(len(i) for i in all_ids) + max(parse_ints(args.max_tokens)) + 8
     backends = []
     res: dict = {"model": name, "path": path, "cases": [], "params_m": float("nan"),
                  "prompt_tokens_mean": sum(map(len, all_ids)) / len(all_ids)}
     wanted = args.backends.split(",")
     if "hf" in wanted:
-        hf = HFBackend(path, tokenizer, args.profile)
+        hf = HFBackend(path, tokenizer, args.profile, args.temperature, args.stop_at_eos)
         backends.append(hf)
         res.update(hf_load_seconds=hf.setup_seconds, params_m=model_num_params(hf.model) / 1e6)
     if "vllm" in wanted:
-        vl = VLLMBackend(path, max_len, args.kv_cache_bytes, args.profile)
+        vl = VLLMBackend(path, max_len, args.kv_cache_bytes, args.profile, args.temperature, args.stop_at_eos,
+                         tokenizer.eos_token_id)
         backends.append(vl)
         res["vllm_build_seconds"] = vl.setup_seconds
     for threads in parse_ints(args.threads):
@@ -271,7 +314,9 @@ def launch_model(name: str, args) -> dict:
         cmd = [sys.executable, __file__, "--worker-model", name, "--worker-out", str(out),
                "--num-prompts", args.num_prompts, "--max-tokens", args.max_tokens, "--threads", args.threads,
                "--repeats", str(args.repeats), "--backends", args.backends,
-               "--kv-cache-bytes", str(args.kv_cache_bytes)] + (["--profile"] if args.profile else [])
+               "--kv-cache-bytes", str(args.kv_cache_bytes), "--prompts", args.prompts,
+               "--temperature", str(args.temperature)] + (["--profile"] if args.profile else []) \
+            + (["--stop-at-eos"] if args.stop_at_eos else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         tail: list[str] = []
         for line in proc.stdout:
@@ -299,6 +344,11 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="hf,vllm")
     p.add_argument("--kv-cache-bytes", type=int, default=512 * 2**20, help="vLLM CPU KV cache")
     p.add_argument("--profile", action="store_true", help="also time model forward passes vs per-step overhead")
+    p.add_argument("--prompts", default="synthetic",
+                   help="synthetic (arithmetic questions) or GSM8K (a hub id or a dir with test.jsonl)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="end sequences at eos (lengths as sampled) instead of exactly --max-tokens")
     p.add_argument("--quick", action="store_true", help="smoke test: rlt:tiny, 8 prompts x 16 tokens, 1 repeat")
     p.add_argument("--json", default=None, help="write all measurements to this JSON file")
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
@@ -323,7 +373,7 @@ def main(argv=None) -> int:
     print(f"generation throughput, tokens/s: median [min, max] of {args.repeats} interleaved rounds; "
           f"{info['cpus']} CPUs ({info.get('cpu_model', '?')}); load avg at start "
           f"{info['load_avg_start'][0]:.2f}, at end {info['load_avg_end'][0]:.2f}")
-    print_table(results, args.profile)
+    print_table(results, args.profile, args.stop_at_eos)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2)

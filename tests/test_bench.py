@@ -33,6 +33,18 @@ def test_generation_quick(tmp_path):
     assert case["runs"]["hf"][0]["tokens"] == case["runs"]["vllm"][0]["tokens"] == 8 * 16
 
 
+def test_generation_stop_at_eos_quick(tmp_path):
+    """--stop-at-eos: lengths as sampled (at most the limit), valid tokens counted, lengths reported."""
+    pytest.importorskip("vllm")
+    stdout, result = _run("generation.py", tmp_path, "--stop-at-eos", "--temperature", "0.7")
+    assert "mean length hf/vllm" in stdout
+    (case,) = result["results"][0]["cases"]
+    for runs in case["runs"].values():
+        (run,) = runs
+        assert 1 <= run["mean_length"] <= 16 and 0 <= run["at_limit"] <= 8
+        assert run["tokens"] == round(run["mean_length"] * 8)
+
+
 def test_grpo_step_quick(tmp_path):
     pytest.importorskip("vllm")
     stdout, result = _run("grpo_step.py", tmp_path)
@@ -41,6 +53,23 @@ def test_grpo_step_quick(tmp_path):
         assert line in stdout
     assert set(result["summary"]["variants"]) == {"trl", "ours-hf", "ours-vllm"}
     assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
+
+
+def test_grpo_step_gsm8k_warm_up_quick(tmp_path):
+    """GSM8K prompts and a (2-step) SFT warm-up, built once into the cache dir and reused by the next run."""
+    pytest.importorskip("vllm")
+    gsm8k = REPO.parent / "shared" / "data" / "gsm8k"
+    if not (gsm8k / "train.jsonl").is_file():
+        pytest.skip("GSM8K not beside the repo (../shared/data/gsm8k)")
+    extra = ("--data", "gsm8k", "--gsm8k", str(gsm8k), "--warm-up-steps", "2", "--max-prompt-length", "512",
+             "--cache-dir", str(tmp_path / "cache"), "--variants", "trl,ours-hf")
+    stdout, result = _run("grpo_step.py", tmp_path, *extra)
+    assert "SFT warm-up done" in stdout and "gsm8k prompts" in stdout
+    warmed = tmp_path / "cache" / "sft-rlt-tiny-gsm8k-2" / "final"
+    assert result["args"]["model"] == str(warmed) and (warmed / "config.json").is_file()
+    assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
+    stdout, _ = _run("grpo_step.py", tmp_path, *extra)
+    assert "SFT warm-up" not in stdout  # the cached model is reused
 
 
 def test_learning_quick(tmp_path):
