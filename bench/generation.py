@@ -4,9 +4,9 @@
     python bench/generation.py --quick              # rlt:tiny only, 8 prompts x 16 tokens, 1 repeat (smoke test)
     python bench/generation.py --models rlt:tiny --num-prompts 32,128,512 --max-tokens 64,256   # a scaling grid
     python bench/generation.py --threads 1,2 --profile   # torch threads sweep + where the time goes
-    python bench/generation.py --models results/bench_cache/sft-rlt-tiny-wide-gsm8k-250/final --prompts gsm8k \
-        --stop-at-eos --max-tokens 512 --temperature 0.7   # a model that ends its answers (bench/grpo_step.py
-                                                           # --warm-up-steps builds it): lengths as sampled
+    python bench/generation.py --models results/bench_cache/sft-rlt-tiny-wide-gsm8k-250-1024/final \
+        --prompts ../shared/data/gsm8k --stop-at-eos --max-tokens 512 --temperature 0.7
+        # a model that ends its answers (bench/grpo_step.py --warm-up-steps builds it): lengths as sampled
 
 What is compared, per model and per (prompts, tokens, threads) case:
 

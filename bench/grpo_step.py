@@ -285,24 +285,26 @@ def warmed_up_model(args) -> str:
     rlt.train` and cached under `--cache-dir`. A random-init model samples until the length limit; a
     warmed-up one ends its completions where a solver of that data does (GSM8K: a few dozen to a few hundred
     tokens), which is what the padding of a real GRPO step looks like."""
-    name = f"sft-{args.model.replace(':', '-').replace('/', '_')}-{args.data}-{args.warm_up_steps}"
+    max_length = args.max_prompt_length + args.max_tokens  # the SFT's sequence limit: part of the cache key
+    name = f"sft-{args.model.replace(':', '-').replace('/', '_')}-{args.data}-{args.warm_up_steps}-{max_length}"
     out = Path(args.cache_dir).resolve() / name
     final = out / "final"
     if not (final / "config.json").exists():
         command = [sys.executable, "-m", "rlt.train", "run_cfg=tiny_sft_reasoning", *data_overrides(args),
                    f"model_cfg={MODEL_CFG.get(args.model, 'tiny')}", f"model_name_or_path={args.model}",
                    f"max_steps={args.warm_up_steps}", "train_batch_size=16", "per_device_train_batch_size=16",
-                   f"max_length={args.max_prompt_length + args.max_tokens}", "eval_steps=1000000",
+                   f"max_length={max_length}", "eval_steps=1000000",
                    "eval_accuracy_samples=0", "save_steps=1000000", "resume=false", "seed=42",
                    f"output_dir={out}"]
         print(f"# SFT warm-up ({args.warm_up_steps} steps, cached for later runs): {' '.join(command[1:])}",
               flush=True)
         start = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
-        with open(out.with_suffix(".log"), "w") as log:
+        log_path = out.parent / f"{out.name}.log"
+        with open(log_path, "w") as log:
             done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            tail = "\n".join(out.with_suffix(".log").read_text().splitlines()[-20:])
+            tail = "\n".join(log_path.read_text().splitlines()[-20:])
             raise SystemExit(f"the SFT warm-up failed (exit status {done.returncode}):\n{tail}")
         print(f"# SFT warm-up done in {time.perf_counter() - start:.0f} s: {final}", flush=True)
     return str(final)

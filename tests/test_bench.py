@@ -65,7 +65,7 @@ def test_grpo_step_gsm8k_warm_up_quick(tmp_path):
              "--cache-dir", str(tmp_path / "cache"), "--variants", "trl,ours-hf")
     stdout, result = _run("grpo_step.py", tmp_path, *extra)
     assert "SFT warm-up done" in stdout and "gsm8k prompts" in stdout
-    warmed = tmp_path / "cache" / "sft-rlt-tiny-gsm8k-2" / "final"
+    warmed = tmp_path / "cache" / "sft-rlt-tiny-gsm8k-2-528" / "final"
     assert result["args"]["model"] == str(warmed) and (warmed / "config.json").is_file()
     assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
     stdout, _ = _run("grpo_step.py", tmp_path, *extra)
