@@ -27,9 +27,9 @@ each round, and the table shows medians with [min, max]. On a machine shared wit
 preemption (and, with 2+ threads, by OpenMP threads waiting for a descheduled sibling), so the ratio of tokens per
 second of this process's CPU time (user + sys) is shown too: it is less sensitive to other load.
 
-`--stop-at-eos` measures what a GRPO round does instead: each sequence ends at the tokenizer's eos or at
-`max_tokens` (HF: no `min_new_tokens`, a row's tokens counted up to and including its eos; vLLM: `stop_token_ids`
-= that eos, no `ignore_eos`). Both sample from the same distribution but draw different numbers, so the two do
+`--stop-at-eos` measures what a GRPO round does instead: each sequence ends at an eos (the tokenizer's and the
+model generation config's, `stop_token_ids`) or at `max_tokens` (HF: those as `eos_token_id`, no `min_new_tokens`, a
+row's tokens counted up to and including its first eos; vLLM: those as `stop_token_ids`, no `ignore_eos`). Both sample from the same distribution but draw different numbers, so the two do
 different amounts of work per call: HF's batch runs until its longest row ends, vLLM drops each row when it ends.
 Throughput is then valid (counted) tokens per second, and the mean length and the number of rows that hit the limit
 are reported per backend.
@@ -122,6 +122,14 @@ class ForwardTimer:
         self.seconds, self.calls = 0.0, 0
 
 
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokens that end a sequence with `--stop-at-eos`, the same for both backends: the tokenizer's eos and the
+    model's `generation_config.eos_token_id` (an int or a list; vLLM stops on both by default)."""
+    ids = [tokenizer.eos_token_id, generation_config.eos_token_id]
+    flat = [i for x in ids for i in (x if isinstance(x, list) else [x]) if i is not None]
+    return list(dict.fromkeys(flat))
+
+
 class HFBackend:
     name = "hf"
 
@@ -135,6 +143,7 @@ class HFBackend:
         self.setup_seconds = time.perf_counter() - start
         self.tokenizer, self.torch = tokenizer, torch
         self.temperature, self.stop_at_eos = temperature, stop_at_eos
+        self.eos_ids = stop_token_ids(tokenizer, self.model.generation_config)
         self.lengths: list[int] = []  # of the last call's sequences
         self.timer = ForwardTimer() if profile else None
         if self.timer:
@@ -150,13 +159,13 @@ class HFBackend:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
         config = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=1.0, top_k=0,
                                   max_new_tokens=max_tokens, min_new_tokens=0 if self.stop_at_eos else max_tokens,
-                                  pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                                  pad_token_id=pad, eos_token_id=self.eos_ids)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         new = out[:, width:].tolist()
         if self.stop_at_eos:  # up to and including the first eos (HF pads finished rows)
-            self.lengths = [row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row) for row in new]
+            self.lengths = [next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row)) for row in new]
         else:
             assert all(len(row) == max_tokens for row in new), [len(row) for row in new]
             self.lengths = [max_tokens] * len(new)
@@ -167,14 +176,14 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, path: str, max_model_len: int, kv_cache_bytes: int, profile: bool, temperature: float = 1.0,
-                 stop_at_eos: bool = False, eos_token_id: int | None = None):
+                 stop_at_eos: bool = False, eos_ids: list[int] | None = None):
         from rlt.generation.vllm_colocate import build_llm
 
         start = time.perf_counter()
         self.llm = build_llm(path, kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
                              dtype="float32")
         self.setup_seconds = time.perf_counter() - start
-        self.temperature, self.stop_at_eos, self.eos_token_id = temperature, stop_at_eos, eos_token_id
+        self.temperature, self.stop_at_eos, self.eos_ids = temperature, stop_at_eos, eos_ids
         self.lengths: list[int] = []
         self.timer = ForwardTimer() if profile else None
         if self.timer:
@@ -184,7 +193,7 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         # detokenize=False as the trainer's ColocatedVLLMGeneration samples (TRL reads token ids only)
-        stop = {"stop_token_ids": [self.eos_token_id]} if self.stop_at_eos else {"ignore_eos": True}
+        stop = {"stop_token_ids": self.eos_ids} if self.stop_at_eos else {"ignore_eos": True}
         params = SamplingParams(temperature=self.temperature, top_p=1.0, max_tokens=max_tokens, detokenize=False,
                                 **stop)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling_params=params,
@@ -287,7 +296,7 @@ def run_model(name: str, args) -> dict:
         res.update(hf_load_seconds=hf.setup_seconds, params_m=model_num_params(hf.model) / 1e6)
     if "vllm" in wanted:
         vl = VLLMBackend(path, max_len, args.kv_cache_bytes, args.profile, args.temperature, args.stop_at_eos,
-                         tokenizer.eos_token_id)
+                         hf.eos_ids if "hf" in wanted else None)
         backends.append(vl)
         res["vllm_build_seconds"] = vl.setup_seconds
     for threads in parse_ints(args.threads):
@@ -336,7 +345,8 @@ def parse_ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated rlt: names or model dirs")
+    p.add_argument("--models", default=None, help="comma-separated rlt: names or model dirs (default: "
+                   f"{','.join(DEFAULT_MODELS)}; --quick: rlt:tiny)")
     p.add_argument("--num-prompts", default="32", help="comma-separated batch sizes (all prompts in one call)")
     p.add_argument("--max-tokens", default="64", help="comma-separated numbers of generated tokens per sequence")
     p.add_argument("--threads", default=str(os.cpu_count()), help="comma-separated torch thread counts")
@@ -355,7 +365,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.num_prompts, args.max_tokens, args.repeats = "rlt:tiny", "8", "16", 1
+        args.models = args.models or "rlt:tiny"
+        args.num_prompts, args.max_tokens, args.repeats = "8", "16", 1
 
     if args.worker_model:  # one model in this process (see launch_model)
         res = run_model(args.worker_model, args)
@@ -366,7 +377,7 @@ def main(argv=None) -> int:
 
     info = machine_info()
     info["torch_threads_default"] = torch.get_num_threads()
-    results = [launch_model(name, args) for name in args.models.split(",")]
+    results = [launch_model(name, args) for name in (args.models or ",".join(DEFAULT_MODELS)).split(",")]
     info["load_avg_end"] = list(os.getloadavg())
 
     print()

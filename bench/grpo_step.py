@@ -217,6 +217,19 @@ def record_trl_profiling() -> list[tuple[int, str, float]]:
     return records
 
 
+def prompt_lengths(logged: list[dict], completions: int) -> list[float]:
+    """Mean prompt tokens per completion of each logged step, from TRL's cumulative `num_tokens` (prompt +
+    completion tokens, padding excluded) and its `completions/mean_length`. Worked example: num_tokens 1000 then
+    2200 over 8 completions of mean length 25 and 50 -> [1000/8 - 25, 1200/8 - 50] = [100.0, 100.0]."""
+    out, before = [], 0.0
+    for h in logged:
+        if h.get("num_tokens") is None or h.get("completions/mean_length") is None:
+            return []
+        out.append((h["num_tokens"] - before) / completions - h["completions/mean_length"])
+        before = h["num_tokens"]
+    return out
+
+
 def run_worker(args) -> dict:
     import torch
 
@@ -273,6 +286,7 @@ def run_worker(args) -> dict:
             "total_seconds": total, "trl_step_time": [h.get("step_time") for h in logged],
             "loss": [h.get("loss") for h in logged], "reward": [h.get("reward") for h in logged],
             "mean_length": [h.get("completions/mean_length") for h in logged],
+            "prompt_length": prompt_lengths(logged, args.prompts * args.generations),
             "max_length": [h.get("completions/max_length") for h in logged]}
 
 
@@ -437,12 +451,13 @@ def print_report(summary: dict, args, info: dict, diff: dict, runs: list[dict]) 
           f"loss grpo; {args.rounds} round(s) x {args.steps} steps per variant, step-interleaved, first step of "
           f"each run dropped; torch threads {args.threads or info['torch_threads']}; {info['cpus']} CPUs, load avg "
           f"{info['load_avg_start'][0]:.2f} at start, {info['load_avg_end'][0]:.2f} at end")
-    head = (f"{'variant':<14} {'wall s/step':>22} {'CPU s/step':>22} {'TRL step_time s':>22} {'first step s':>13} "
-            f"{'setup s':>8}")
+    head = (f"{'variant':<14} {'wall s/step':>22} {'mean':>7} {'CPU s/step':>22} {'TRL step_time s':>22} "
+            f"{'first step s':>13} {'setup s':>8}")
     print(head)
     print("-" * len(head))
     for v, s in summary["variants"].items():
-        print(f"{v:<14} {spread(s['steady_step_seconds']):>22} {spread(s['steady_step_cpu_seconds']):>22} "
+        mean = statistics.mean(s["steady_step_seconds"]) if s["steady_step_seconds"] else float("nan")
+        print(f"{v:<14} {spread(s['steady_step_seconds']):>22} {mean:>7.2f} {spread(s['steady_step_cpu_seconds']):>22} "
               f"{spread(s['trl_step_time']):>22} {spread(s['first_step_seconds'], '.1f'):>13} "
               f"{statistics.median(s['setup_seconds']):>8.1f}")
     print()
@@ -452,8 +467,9 @@ def print_report(summary: dict, args, info: dict, diff: dict, runs: list[dict]) 
     for k, vals in summary["ratios"].items():
         print(f"{k:<28} {spread(vals, '.3f'):>24} {spread(summary['cpu_ratios'][k], '.3f'):>24} "
               f"{summary['mean_ratios'][k]:>13.3f}   {targets.get(k, '')}")
-    print("(completions that end at eos: vLLM samples other lengths than HF, so its steps do other work than the "
-          "HF step beside them; read the ratio of mean step times then)")
+    if any(m is not None and m < args.max_tokens for r in runs for m in r.get("max_length", [])):
+        print("(completions that end at eos: vLLM samples other lengths than HF, so its steps do other work than the "
+              "HF step beside them; read the ratio of mean step times then)")
     print()
     names = [("transformers.generate", "HF generate"), ("vLLM.generate", "vLLM generate"),
              ("sync_weights", "weight sync"), ("_calculate_rewards", "rewards"),
@@ -473,9 +489,10 @@ def print_report(summary: dict, args, info: dict, diff: dict, runs: list[dict]) 
     if "trl_and_ours_hf_same_losses" in summary:
         print(f"\ntrl and ours-hf logged the same per-step losses (same seeds, same work): "
               f"{summary['trl_and_ours_hf_same_losses']}")
-    for key in ("mean_length", "max_length"):  # the work of a step scales with the padded (max) length
+    for key in ("prompt_length", "mean_length", "max_length"):  # a step's work grows with the padded length
         lengths = {r["variant"]: r.get(key, []) for r in runs if r["round"] == 0}
-        print(f"{key.replace('_', ' ')} of the completions per step (round 0): "
+        what = "mean prompt tokens" if key == "prompt_length" else f"{key.replace('_', ' ')} of the completions"
+        print(f"{what} per step (round 0): "
               + "; ".join(f"{v}: {[round(x, 1) for x in ls if x is not None]}" for v, ls in lengths.items()))
     print("GRPOConfig fields where the hand-written TRL config differs from ours: "
           + (json.dumps(diff) if diff else "none"))

@@ -33,16 +33,43 @@ def test_generation_quick(tmp_path):
     assert case["runs"]["hf"][0]["tokens"] == case["runs"]["vllm"][0]["tokens"] == 8 * 16
 
 
+def _model_that_stops(out: Path) -> Path:
+    """rlt:tiny with its eos embedding (tied to the output head) set along the mean final hidden state of a chat
+    prompt, scaled so that a sampled row ends at eos after a few tokens, but not always at once (on the benchmark's
+    8 prompts at temperature 0.7, 16 tokens: scale 0.5 stopped 5 of 8 rows early, after 1-13 tokens; 1.0 all 8,
+    after 1-6; 1.5 all at once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlt.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path("rlt:tiny")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        mean = model.model(**ids).last_hidden_state[0].mean(0)
+        model.get_input_embeddings().weight[tokenizer.eos_token_id] = 0.75 * mean / mean.norm()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def test_generation_stop_at_eos_quick(tmp_path):
-    """--stop-at-eos: lengths as sampled (at most the limit), valid tokens counted, lengths reported."""
+    """--stop-at-eos: both backends end rows at eos (a model that samples it), lengths counted up to it."""
     pytest.importorskip("vllm")
-    stdout, result = _run("generation.py", tmp_path, "--stop-at-eos", "--temperature", "0.7")
+    model = _model_that_stops(tmp_path / "stops")
+    stdout, result = _run("generation.py", tmp_path, "--models", str(model), "--stop-at-eos", "--temperature", "0.7")
     assert "mean length hf/vllm" in stdout
     (case,) = result["results"][0]["cases"]
     for runs in case["runs"].values():
         (run,) = runs
-        assert 1 <= run["mean_length"] <= 16 and 0 <= run["at_limit"] <= 8
+        assert 1 <= run["mean_length"] < 16 and run["at_limit"] < 8  # rows ended early: eos stopped them
         assert run["tokens"] == round(run["mean_length"] * 8)
+    _, fixed = _run("generation.py", tmp_path, "--models", str(model))  # without the flag: exactly 16 per row
+    for runs in fixed["results"][0]["cases"][0]["runs"].values():
+        assert runs[0]["mean_length"] == 16 and runs[0]["at_limit"] == 8
 
 
 def test_grpo_step_quick(tmp_path):
@@ -53,6 +80,8 @@ def test_grpo_step_quick(tmp_path):
         assert line in stdout
     assert set(result["summary"]["variants"]) == {"trl", "ours-hf", "ours-vllm"}
     assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
+    for run in result["runs"]:
+        assert len(run["prompt_length"]) == 3 and max(run["prompt_length"]) < 100, run["prompt_length"]
 
 
 def test_grpo_step_gsm8k_warm_up_quick(tmp_path):
@@ -68,6 +97,8 @@ def test_grpo_step_gsm8k_warm_up_quick(tmp_path):
     warmed = tmp_path / "cache" / "sft-rlt-tiny-gsm8k-2-528" / "final"
     assert result["args"]["model"] == str(warmed) and (warmed / "config.json").is_file()
     assert result["summary"]["trl_and_ours_hf_same_losses"] == [True]
+    for run in result["runs"]:  # GSM8K questions (seen: 137-153), not the synthetic ones (52-73)
+        assert min(run["prompt_length"]) > 100, run["prompt_length"]
     stdout, _ = _run("grpo_step.py", tmp_path, *extra)
     assert "SFT warm-up" not in stdout  # the cached model is reused
 
