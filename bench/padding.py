@@ -20,9 +20,9 @@ Variants, on the same rounds, interleaved over ``--repeats``:
 * ``cut+groups``: ours with addition 7: the round ordered by completion length before the split.
 
 Printed (after one untimed warm-up round per variant): seconds per round (median [min, max] over repeats x rounds),
-ratio to ``trl``, forwarded completion
-positions per valid token, and the max |difference| of the per-row summed log-probs against ``trl`` (the values
-must agree: same tensors, float rounding only).
+ratio to ``trl``, forwarded completion positions per valid token, and the max |difference| of the per-row summed
+log-probs against ``trl`` (the values must agree: same tensors, float rounding only). Results: docs/benchmarks.md
+(section 2).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import REPO, write_json
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -179,14 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(times[v])
         ratio = statistics.median([a / b for a, b in zip(times[v], times["trl"], strict=True)])
         results.append({"variant": v, "seconds_median": med, "seconds_min": min(times[v]),
-                        "seconds_max": max(times[v]), "ratio_to_trl": ratio, "forwarded_per_valid": forwarded[v] / valid,
-                        "max_abs_delta_vs_trl": delta[v]})
+                        "seconds_max": max(times[v]), "ratio_to_trl": ratio,
+                        "forwarded_per_valid": forwarded[v] / valid, "max_abs_delta_vs_trl": delta[v]})
         print(f"{v:<12}{med:>10.3f} [{min(times[v]):.3f}, {max(times[v]):.3f}]{ratio:>8.3f}"
               f"{forwarded[v] / valid:>18.2f}{delta[v]:>21.2e}")
     print(f"(trl median {base:.3f} s; ratios are medians of back-to-back round ratios)")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "lengths": lengths, "results": results}, indent=1))
-        print(f"json: {args.json}")
+        write_json(args.json, {"model": args.model, "lengths": lengths, "results": results})
     return 0
 
 

@@ -2,7 +2,7 @@
 
     python bench/rlt_step.py [--quick] [--models tiny,smollm2] [--steps N] [--repeats R] [--json PATH]
 
-Cases per model, each a full `rlt.train.run_training(compose([...]))` in a temp output dir (`report_to=[none]`, no
+Cases per model, each a full `rlt.train.run_training(compose_raw([...]))` in a temp output dir (`report_to=[none]`, no
 checkpoints, no final save), interleaved over the repeats (ABAB..., the order flipped every repeat):
 
 * ``rlt``: ``run_cfg=teacher_rlt_tiny`` (or ``teacher_rlt_smollm2``) as is: the teacher reward (`TeacherKLReward`,
@@ -11,19 +11,19 @@ checkpoints, no final save), interleaved over the repeats (ABAB..., the order fl
   max_completion_length, beta, temperature, seed) and recipe, with the reward replaced by a trivial one
   (`rlt.rewards.gsm8k.format_reward`, a regex): only the reward differs.
 
-One untimed 2-step run of the ``rlt`` case comes first (one-time process costs); step 1 of every run is skipped; a step's time is the wall time between consecutive ``on_step_end``
-callbacks. Its split comes from TRL's own profiling contexts (recorded in-process; TRL only sends them to wandb /
-mlflow / trackio): ``generate`` (``transformers.generate``), ``reward`` (``_calculate_rewards``), ``prep other``
-(the rest of ``_prepare_inputs``: the reference model's log-probs, advantages, padding), ``loss fwd``
-(``compute_loss``), ``backward`` (``Accelerator.backward``, timed here) and ``other`` (optimizer step, logging,
-data loading); ``cpu s`` is this process's CPU time per step (user + sys). Printed: medians per case, the RLT / GRPO
-ratio (wall, CPU, and per repeat), mean completion length.
+One untimed 2-step run of the ``rlt`` case comes first (one-time process costs); step 1 of every run is skipped; a
+step's time is the wall time between consecutive ``on_step_end`` callbacks. Its split comes from TRL's own profiling
+contexts (recorded in-process; TRL only sends them to wandb / mlflow / trackio): ``generate``
+(``transformers.generate``), ``reward`` (``_calculate_rewards``), ``prep other`` (the rest of ``_prepare_inputs``: the
+reference model's log-probs, advantages, padding), ``loss fwd`` (``compute_loss``), ``backward``
+(``Accelerator.backward``, timed here) and ``other`` (optimizer step, logging, data loading); ``cpu s`` is this
+process's CPU time per step (user + sys). Printed: medians per case, the RLT / GRPO ratio (wall, CPU, and per repeat),
+mean completion length. Results: docs/benchmarks.md (section 4).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,8 +32,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import machine_info, machine_line, write_json
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -70,8 +71,8 @@ class StepRecorder:
             prep = sum(v for n, v in b.items() if n.endswith("_prepare_inputs"))
             loss = sum(v for n, v in b.items() if n.endswith("compute_loss"))
             step = self.step_ends[k] - self.step_ends[k - 1]
-            row = {"step_s": step, "cpu_s": self.step_cpu[k] - self.step_cpu[k - 1], "generate": gen, "reward": reward, "prep other": max(prep - gen - reward, 0.0),
-                   "loss fwd": loss, "backward": b["backward"]}
+            row = {"step_s": step, "cpu_s": self.step_cpu[k] - self.step_cpu[k - 1], "generate": gen, "reward": reward,
+                   "prep other": max(prep - gen - reward, 0.0), "loss fwd": loss, "backward": b["backward"]}
             row["other"] = step - sum(row[p] for p in PHASES[:-1])
             out.append(row)
         return out
@@ -127,18 +128,8 @@ def _install_hooks() -> None:
     _install_hooks.done = True
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from rlt.config import register_defaults
-
-    register_defaults()
-    with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
 def run_case(run_file: str, trivial: bool, steps: int, extra: list[str]) -> StepRecorder:
+    from rlt.compose import compose_raw
     from rlt.train import run_training
 
     _install_hooks()
@@ -150,7 +141,7 @@ def run_case(run_file: str, trivial: bool, steps: int, extra: list[str]) -> Step
             overrides.append(TRIVIAL_REWARD)
         _ACTIVE.append(rec)
         try:
-            run_training(compose(overrides))
+            run_training(compose_raw(overrides))
         finally:
             _ACTIVE.pop()
     return rec
@@ -186,7 +177,8 @@ def bench_model(name: str, *, steps: int, repeats: int, extra: list[str]) -> dic
               if b["case"] == "grpo" and b["repeat"] == a["repeat"]]
     print(f"{'case':>5} {'s/step':>7} {'cpu s':>7} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'len':>5}")
     for c in cases:
-        print(f"{c:>5} {med[c]['step_s']:7.2f} {med[c]['cpu_s']:7.2f} " + " ".join(f"{med[c][p]:10.2f}" for p in PHASES)
+        print(f"{c:>5} {med[c]['step_s']:7.2f} {med[c]['cpu_s']:7.2f} "
+              + " ".join(f"{med[c][p]:10.2f}" for p in PHASES)
               + f" {statistics.mean(lengths[c]) if lengths[c] else float('nan'):5.1f}")
     print(f"RLT / GRPO = {ratio:.2f} wall, {cpu_ratio:.2f} cpu, per repeat {[round(x, 2) for x in paired]} (target "
           f"<= 1.3); reward share of the RLT step: {med['rlt']['reward'] / med['rlt']['step_s']:.0%}", flush=True)
@@ -198,7 +190,8 @@ def bench_model(name: str, *, steps: int, repeats: int, extra: list[str]) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", help="comma-separated subset of: " + ",".join(RUN_FILES) + " (default all; quick tiny)")
+    ap.add_argument("--models",
+                    help="comma-separated subset of: " + ",".join(RUN_FILES) + " (default all; quick tiny)")
     ap.add_argument("--quick", action="store_true", help="tiny only unless --models, 3 steps, 1 run per case")
     ap.add_argument("--steps", type=int, help="optimizer steps per run, the first skipped (default 6, quick 3)")
     ap.add_argument("--repeats", type=int, help="runs per case, interleaved (default 2, quick 1)")
@@ -210,15 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from teacher_reward import machine_info
-
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
-    print(f"{info['date']} | {info['cpu']} | {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} "
-          f"threads) | load {info['loadavg']}")
+    print(machine_line(info))
     models = args.models or ("tiny" if args.quick else ",".join(RUN_FILES))
     results = []
     for name in [m.strip() for m in models.split(",") if m.strip()]:
@@ -226,10 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown model {name!r}; choose from {list(RUN_FILES)}")
         results.append(bench_model(name, steps=args.steps or (3 if args.quick else 6),
                                    repeats=args.repeats or (1 if args.quick else 2), extra=list(args.overrides)))
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["load_avg_end"] = list(os.getloadavg())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "results": results}, indent=1))
+        write_json(args.json, {"machine": info, "quick": args.quick, "results": results})
     return 0
 
 

@@ -12,26 +12,28 @@ b = [3, 0.03], tau_S = tau_T = 0.7).
 
 Variants, each timed on the same completions, interleaved (every repeat runs every variant, in a rotated order):
 
-* ``batch16`` / ``batch8``: `TeacherKLReward(batch_size=16 / 8)`: micro-batches of whole prompt groups, each
-  group's common prefix (teacher prompt; student system prompt + question) run once and shared through the KV cache.
+* ``batch16`` / ``batch8``: `TeacherKLReward(teacher_reward_batch_size=16 / 8)`: micro-batches of whole prompt
+  groups, each group's common prefix (teacher prompt; student system prompt + question) run once and shared through
+  the KV cache.
 * ``batch16w``: the same batch size scoring whole sequences (``share_prefixes=False``: length-sorted, left-padded).
-* ``batch1``: `TeacherKLReward(batch_size=1)`, one forward per completion and model (the reference's scoring
-  granularity, with our span finding and ``logits_to_keep``).
+* ``batch1``: `TeacherKLReward(teacher_reward_batch_size=1)`, one forward per completion and model (the reference's
+  scoring granularity, with our span finding and ``logits_to_keep``).
 * ``batch16lp``: batch 16 called as the trainer calls it (vLLM or HF generation): with each completion's
   sampling log-probs (``sampling_logprobs``, ``sampling_temperature``), which the reward takes as the teacher's
-  q_k instead of running the teacher forward (``reuse_sampling_logprobs``). The generator returns them with the sample; here they are
-  computed once, untimed, by the teacher (log_softmax(logits / 0.7) of each sampled token after its prompt), which
-  is what vLLM's processed log-probs equal (within 1e-4, tests/test_vllm_colocate.py). Its values are checked
-  against ``batch1``'s (teacher forward) like the others'.
+  q_k instead of running the teacher forward (``teacher_reuse_sampling_logprobs``). The generator returns them with
+  the sample; here they are computed once, untimed, by the teacher (log_softmax(logits / 0.7) of each sampled token
+  after its prompt), which is what vLLM's processed log-probs equal (within 1e-4, tests/test_vllm_colocate.py). Its
+  values are checked against ``batch1``'s (teacher forward) like the others'.
 * ``reference``: written from rlt-spec §1.5-§2: per completion, decode the ids (special tokens skipped), close an
   unclosed explanation, re-tokenise the full student chat and teacher text, two full-vocabulary forwards with a full
   ``log_softmax``, spans by token-subsequence search with the reference's boundary trims, then ``gc.collect()``. Its
   rewards differ slightly (re-tokenisation), so its delta is reported, not asserted.
 
 Printed: completions/s (median wall time over repeats), speed-up over ``batch1`` on the wall clock and on this
-process's CPU time (user + sys: with 1 thread, close to the work done and less sensitive to other jobs), the max |reward delta| against ``batch1``
-(batched variants must be within ``--tolerance``, default 1e-4), and the time split of the `TeacherKLReward`
-variants into forwards (``_run``) and everything else (ids -> spans, tokenisation, reductions).
+process's CPU time (user + sys: with 1 thread, close to the work done and less sensitive to other jobs), the max
+|reward delta| against ``batch1`` (batched variants must be within ``--tolerance``, default 1e-4), and the time split
+of the `TeacherKLReward` variants into forwards (``_run``) and everything else (ids -> spans, tokenisation,
+reductions).
 """
 
 from __future__ import annotations
@@ -39,41 +41,22 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
+from bench.common import machine_info, machine_line, write_json
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 MODELS = {"tiny": "rlt:tiny", "smollm2": "rlt:smollm2-135m"}
 LENGTHS = (16, 128, 32, 96, 48, 64, 24, 112)  # completion tokens, cycled over the completions
 SYNTHETIC = {"num_train": 200, "num_eval": 10, "max_operand": 20, "max_terms": 2, "ops": "+-"}
-REWARD_KW = dict(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],  # the teacher_rlt keys
-                 reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"], normalize_log_prob_fn=None,
-                 normalize_kl_fn=None, clip_log_prob=1e5, clip_kl=1e5, temperature=0.7,
-                 unbias_student_log_probs_temp=0.7, teacher_format="stratos")
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "torch": torch.__version__}
+REWARD_KW = dict(temperature=0.7, teacher_format="stratos")  # the teacher_rlt run: its reward keys are the defaults
 
 
 # ---------------------------------------------------------------------------------------------------- workload
@@ -149,7 +132,8 @@ def _find(hay: list[int], needle: list[int], last: bool = False) -> tuple[int, i
 
 
 def _full_logprobs(model, ids: list[int], tau: float):
-    """A full forward and a full-vocabulary log_softmax: the log-prob of every next token, ``lp[j] = log p(ids[j+1])``."""
+    """A full forward and a full-vocabulary log_softmax: the log-prob of every next token,
+    ``lp[j] = log p(ids[j+1])``."""
     import torch
 
     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float() / tau, dim=-1)
@@ -229,13 +213,15 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
     extra_kw: dict[str, dict] = {}  # per variant: more reward kwargs (the sampling log-probs of "lp")
     for spec in batch_sizes:  # "16": shared prompt prefixes (the default); "16w": whole sequences; "16lp": + q_k
         whole, lp = spec.endswith("w"), spec.endswith("lp")
-        rewards[f"batch{spec}"] = TeacherKLReward(student, tok, teacher, batch_size=int(spec.rstrip("wlp")),
-                                                  share_prefixes=not whole, **REWARD_KW)
+        rewards[f"batch{spec}"] = TeacherKLReward(
+            student, tok, teacher, teacher_reward_batch_size=int(spec.rstrip("wlp")), share_prefixes=not whole,
+            **REWARD_KW)
         if lp:
             extra_kw[f"batch{spec}"] = dict(sampling_logprobs=sampling_logprobs(teacher, tok, kw),
                                             sampling_temperature=REWARD_KW["temperature"])
     if reference:
-        ref_reward = TeacherKLReward(student, tok, teacher, batch_size=1, **REWARD_KW)  # config + reductions only
+        # config + reductions only
+        ref_reward = TeacherKLReward(student, tok, teacher, teacher_reward_batch_size=1, **REWARD_KW)
         ref_timer: dict[str, float] = {}
         rewards["reference"] = lambda **k: reference_style(ref_reward, timer=ref_timer, **k)
 
@@ -302,7 +288,8 @@ def bench_model(name: str, *, n_prompts: int, n_generations: int, repeats: int, 
             rows.append(row)
             print(f"{th:>7} {label:>10} {med:9.3f} {n / med:8.1f} {base_s / med:8.2f} {med_cpu:8.3f} "
                   f"{base_cpu / med_cpu:7.2f} {delta:9.2e} "
-                  f"{row['forward_s']:9.3f} {row['other_s']:8.3f}" + (f"  gc {row['gc_s']:.3f}" if "gc_s" in row else ""))
+                  f"{row['forward_s']:9.3f} {row['other_s']:8.3f}"
+                  + (f"  gc {row['gc_s']:.3f}" if "gc_s" in row else ""))
     print(f"batched == batch1 within {tolerance:g}: {'yes' if ok else 'NO'}", flush=True)
     return {"model": path, "completions": n, "prompts": n_prompts, "generations": n_generations,
             "lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
@@ -317,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, help="prompts per model (default tiny 8, smollm2 4; quick 2)")
     ap.add_argument("--generations", type=int, default=4, help="completions per prompt (GRPO num_generations)")
     ap.add_argument("--repeats", type=int, help="timed calls per variant (default tiny 5, smollm2 3; quick 2)")
-    ap.add_argument("--threads", help="torch intra-op thread counts, each measured, interleaved (default 1,2; quick 1)")
+    ap.add_argument("--threads",
+                    help="torch intra-op thread counts, each measured, interleaved (default 1,2; quick 1)")
     ap.add_argument("--batch-sizes", default="16,16lp,16w,8,1",
                     help="TeacherKLReward batch sizes (1 = the baseline; a trailing w = whole sequences, no shared "
-                         "prompt prefix; a trailing lp = given the sampling log-probs, as the trainer gives them: no teacher "
-                         "forward)")
+                         "prompt prefix; a trailing lp = given the sampling log-probs, as the trainer gives them: no "
+                         "teacher forward)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-style variant")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max |reward delta| batched vs batch1")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -333,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     info = machine_info()
-    print(f"{info['date']} | {info['cpu']} | {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} "
-          f"threads) | load {info['loadavg']}")
+    print(machine_line(info))
     results = []
     models = args.models or ("tiny" if args.quick else ",".join(MODELS))
+    threads = args.threads or ("1" if args.quick else "1,2")
     for name in [m.strip() for m in models.split(",") if m.strip()]:
         if name not in MODELS:
             ap.error(f"unknown model {name!r}; choose from {list(MODELS)}")
@@ -344,12 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_model(name, n_prompts=prompts, n_generations=args.generations,
                                    repeats=args.repeats or (2 if args.quick else 5 if name == "tiny" else 3),
                                    batch_sizes=[b.strip() for b in args.batch_sizes.split(",") if b.strip()],
-                                   threads=[int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")],
+                                   threads=[int(t) for t in threads.split(",")],
                                    reference=not args.no_reference, tolerance=args.tolerance))
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["load_avg_end"] = list(os.getloadavg())
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": info, "quick": args.quick, "results": results}, indent=1))
+        write_json(args.json, {"machine": info, "quick": args.quick, "results": results})
     return 0 if all(r["equal_within_tolerance"] for r in results) else 1
 
 

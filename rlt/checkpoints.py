@@ -3,7 +3,9 @@
 HF Trainer writes `checkpoint-N/` file by file; a run killed mid-save leaves a directory that looks like a
 checkpoint but cannot be loaded. `CompleteCheckpointCallback` marks a checkpoint complete (an atomically written
 marker file) after the Trainer has finished saving it; `last_complete_checkpoint` only ever returns marked ones and
-removes unmarked leftovers, so a killed run always resumes from a loadable state.
+removes unmarked leftovers, so a killed run always resumes from a loadable state (README.md, Running). The same
+atomic writers (`atomic_write_text`, `write_json_atomic`) write run configs and summaries, evaluation results and
+distillation output.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -43,6 +46,12 @@ def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON (non-ASCII kept) to `path` atomically (`atomic_write_text`): the file is either
+    the old one or complete, never half-written."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def mark_complete(checkpoint_dir: str | Path) -> None:

@@ -5,26 +5,9 @@
     python -m rlt.distill --teacher rlt:tiny --run-cfg teacher_rlt_tiny dataset_id_or_path=data.jsonl
     ./launch_mono.sh student_sft_tiny.yaml dataset_id_or_path=results/distill/<file>.jsonl      # then train a student
 
-This is the step after RL in the RLT paper: the teacher sees each question with its solution and writes the
-explanation; the student is then fine-tuned on question -> thought (the explanation) + solution. Everything that
-shapes the data comes from the teacher's own run config (``config.yaml`` beside ``final/`` or ``checkpoint-N/``):
-the dataset and its columns, the tags and system prompts (`TeacherFormat`), the prompt-length limit, the sampling
-(temperature, top_p / top_k / min_p, repetition penalty: what the teacher was trained with) and completion length, the reward keys and the student; ``key=value`` arguments override any of them
-(checked like a training run's), and ``--run-cfg NAME`` composes one from ``cfgs/`` for a teacher without a run.
-
-Each row is sampled ``--num-samples`` times. With scoring on (the default), every sample gets the run's teacher
-reward (`rlt.rewards.TeacherKLReward`: the student's log-probs of the solution after the explanation, minus the KL
-term), scored on the sampled token ids (the teacher's own log-probs taken from the sampling when it is plain
-tempered, as in training: `reuses_sampling_logprobs`), and the best closed, non-blank explanation of a row is kept
-(the reference's offline scorer, rlt-spec §3.8, keeps the best completion per row too). A row none of whose samples closes its
-explanation is dropped and counted (``--keep-unclosed`` keeps its best sample, cut where generation stopped).
-
-Output: one JSON line per kept row, written atomically: ``question``, ``solution``, ``reasoning_trace`` (the
-explanation, stripped), ``messages`` (system = the student prompt, user = question, assistant = thought +
-solution: exactly the chat the reward scored; ``data_format=messages`` trains on it), ``teacher_reward``,
-``closed``, ``samples``, ``samples_closed``, ``source_index``; and ``<output>.summary.json``. Rows go in chunks
-(``--chunk-rows``); finished chunks wait in ``<output>.parts/`` until the end, so rerunning a killed command
-resumes after its last finished chunk. Bad input ends with a one-line error and exit status 2.
+Everything that shapes the data (dataset, tags and prompts, sampling, the reward and its student) comes from the
+teacher's run config, ``key=value`` arguments override it; each row's best closed explanation by the run's reward is
+kept; output, resume and errors: docs/rlt.md "Distillation data".
 """
 
 from __future__ import annotations
@@ -43,16 +26,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rlt.errors import ConfigError, RltError
+from rlt.generation.sampling import BACKENDS, DEFAULT_VLLM_KV_CACHE_BYTES
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm")
 SELECTIONS = ("best", "first")
-# TeacherKLReward keyword arguments that are RLT run-config keys of the same name (rlt.config.RLTSection)
-REWARD_KEYS = ("answer_log_prob_coeff", "kl_penalty_reward_coeff", "reduction_log_prob_fn", "reduction_kl_fn",
-               "normalize_log_prob_fn", "normalize_kl_fn", "clip_log_prob", "clip_kl", "use_schulman_kl_estimation",
-               "not_matched_penalty", "unbias_teacher_log_probs", "unbias_student_log_probs_temp",
-               "include_teacher_think_entropy")
 
 
 # ------------------------------------------------------------------------------------------------- pure helpers
@@ -116,9 +94,9 @@ def teacher_model_dir(teacher: str) -> str:
 
 def default_output_path(teacher: str, data: str, split: str) -> Path:
     """``results/distill/<teacher>__<data>__<split>.jsonl``, every name flattened to ``[A-Za-z0-9._-]``."""
-    from rlt import evaluate
+    from rlt.cli import default_output_path as cli_output_path
 
-    return evaluate.default_output_path(teacher, data, split, kind="distill", suffix=".jsonl")
+    return cli_output_path(teacher, data, split, kind="distill", suffix=".jsonl")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -135,9 +113,9 @@ def load_run_config(teacher: str, *, run_cfg: str | None = None, overrides: Sequ
     if bad:
         raise ConfigError(f"expected key=value overrides, got {bad}")
     if run_cfg is not None:
-        from rlt.distributed import compose_validated
+        from rlt.compose import compose
 
-        run = compose_validated(run_cfg, list(overrides))  # as `python -m rlt.train run_cfg=... overrides` would
+        run = compose(run_cfg, overrides)  # as `python -m rlt.train run_cfg=... overrides` would
         source = f"run_cfg={run_cfg}"
     else:
         path = find_run_config(teacher)
@@ -207,7 +185,8 @@ def _generate(teacher: str, run, prompts: list[str], *, backend: str, num_sample
     """Sample `num_samples` completions per prompt (with their sampling log-probs when `logprobs`). The vLLM engine
     is freed before returning; the HF model too, unless `keep_model` (scoring comes next and needs the same
     teacher)."""
-    from rlt.evaluate import Sampling, generate_hf_ids, generate_vllm_ids, load_eval_model, vllm_engine_for
+    from rlt.generation.sampling import Sampling, generate_hf_ids, generate_vllm_ids, vllm_engine_for
+    from rlt.models import load_eval_model
 
     options = dict(max_new_tokens=max_new_tokens, num_samples=num_samples, seed=seed, return_logprobs=logprobs,
                    sampling=Sampling.from_run(run, temperature))  # the run's top_p/top_k/min_p/repetition_penalty
@@ -236,17 +215,16 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]], teacher_model=None, *,
-           logprobs: list[list[list[float] | None]] | None = None,
-           temperature: float | None = None) -> tuple[list[list[float]], int]:
+def score_samples(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[int]]], teacher_model=None,
+                  *, logprobs: list[list[list[float] | None]] | None = None,
+                  temperature: float | None = None) -> tuple[list[list[float]], int]:
     """The run's teacher reward of every sample, and how many samples took their teacher log-probs from
     `logprobs` (sampled at `temperature`) instead of a teacher forward. The teacher = `teacher` (already loaded as
     `teacher_model` when given), or with ``use_reference_teacher_model`` the run's initial model, as in training;
     the student = the run's."""
     import torch
 
-    from rlt.evaluate import load_eval_model
-    from rlt.models import check_shared_tokenizer, load_model, load_tokenizer
+    from rlt.models import check_shared_tokenizer, load_eval_model, load_model, load_tokenizer
     from rlt.rewards.teacher import TeacherKLReward
 
     student_name = run.student_model or run.model_name_or_path  # null: the run's reference = its initial policy
@@ -264,11 +242,9 @@ def _score(teacher: str, run, tokenizer, rows: list[dict], ids: list[list[list[i
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher_model.to(device)
     student.to(device)
-    reward = TeacherKLReward(student, tokenizer, teacher_model, teacher_format=run.teacher_format,
-                             temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
-                             tokens_per_forward=run.teacher_reward_tokens_per_forward,
-                             reuse_sampling_logprobs=logprobs is not None,
-                             **{k: getattr(run, k) for k in REWARD_KEYS})
+    reward = TeacherKLReward.from_run(run, student_model=student, tokenizer=tokenizer, teacher_model=teacher_model,
+                                      offload_untrained_models=False,  # both models stay on the device
+                                      teacher_reuse_sampling_logprobs=logprobs is not None)
     n = len(ids[0])  # samples per row
     rows_per_call = max(1, run.teacher_reward_batch_size * 4 // n)  # whole rows: their samples share prefix forwards
     values: list[list[float]] = []
@@ -297,7 +273,7 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
             select: str = "best", score: bool = True, keep_unclosed: bool = False,
             max_student_tokens: int | None = None, backend: str = "hf",
             temperature: float | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
-            seed: int | None = None, kv_cache_memory_bytes: int = 1 << 30, chunk_rows: int = 512,
+            seed: int | None = None, kv_cache_memory_bytes: int = DEFAULT_VLLM_KV_CACHE_BYTES, chunk_rows: int = 512,
             work_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
     """``(rows, summary)`` for `teacher` (a model dir, hub id, `rlt:` name or LoRA adapter dir) under the RLT
     run config `run` (see `load_run_config`). `split` defaults to the run's ``train_split``, `temperature` and
@@ -311,7 +287,8 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
     `RltError` subclasses for bad options, data or models."""
     from rlt.config import to_yaml
     from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets
-    from rlt.evaluate import Sampling, load_eval_tokenizer
+    from rlt.generation.sampling import Sampling
+    from rlt.models import load_eval_tokenizer
 
     temperature = run.temperature if temperature is None else temperature
     max_new_tokens = run.max_completion_length if max_new_tokens is None else max_new_tokens
@@ -357,15 +334,22 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
         for k, v in done[1].items():
             stats[k] += v
 
+    return out, _summary(teacher, run, split, fmt, settings, rows, out, stats)
+
+
+def _summary(teacher, run, split, fmt, settings: dict, rows: list[dict], out: list[dict], stats: dict) -> dict:
+    """The run's summary (``<output>.summary.json``); no row kept is an error naming the counts."""
+    from rlt.generation.sampling import Sampling
+
     if not out:
         from rlt.errors import DataError
 
         raise DataError(f"none of the {len(rows)} rows was kept: {stats['dropped']} had no closed explanation in "
-                        f"{num_samples} sample(s), {stats['too_long']} were over max_student_tokens="
-                        f"{max_student_tokens}; more samples (--num-samples), a longer max_completion_length, "
-                        "--keep-unclosed or a larger --max-student-tokens")
+                        f"{settings['num_samples']} sample(s), {stats['too_long']} were over max_student_tokens="
+                        f"{settings['max_student_tokens']}; more samples (--num-samples), a longer "
+                        "max_completion_length, --keep-unclosed or a larger --max-student-tokens")
     kept_rewards = [r["teacher_reward"] for r in out if r["teacher_reward"] is not None]
-    summary = {
+    return {
         "teacher": str(teacher), "data": str(run.dataset_id_or_path), "split": split, "rows": len(rows),
         "kept": len(out), "dropped_no_closed_explanation": int(stats["dropped"]),
         "dropped_too_long": int(stats["too_long"]), "samples_closed": int(stats["closed"]),
@@ -373,12 +357,11 @@ def distill(*, teacher: str, run, split: str | None = None, limit: int | None = 
         "samples_reusing_sampling_logprobs": int(stats["reused_sampling_logprobs"]),
         **{k: settings[k] for k in ("max_student_tokens", "num_samples", "backend", "temperature", "max_new_tokens",
                                     "seed", "chunk_rows")},
-        "select": select, "sampling": Sampling.from_run(run, temperature).describe(),
+        "select": settings["select"], "sampling": Sampling.from_run(run, settings["temperature"]).describe(),
         "mean_reward_all_samples": stats["reward_sum"] / stats["reward_n"] if stats["reward_n"] else None,
         "mean_reward_kept": sum(kept_rewards) / len(kept_rewards) if kept_rewards else None,
         "teacher_format": fmt.fingerprint,
     }
-    return out, summary
 
 
 def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samples, select, score, keep_unclosed,
@@ -386,7 +369,7 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
                    kv_cache_memory_bytes) -> tuple[list[dict], dict[str, float]]:
     """One chunk: generate, then score (one model set on the device at a time), then keep one sample per row."""
     from rlt.data.teacher import student_messages
-    from rlt.evaluate import Sampling
+    from rlt.generation.sampling import Sampling
 
     reuse = score and reuses_sampling_logprobs(run, Sampling.from_run(run, temperature), backend)
     samples = _generate(
@@ -400,8 +383,8 @@ def _distill_chunk(teacher, run, fmt, rows: list[dict], offset: int, *, num_samp
                     for row in ids]
     reused = 0
     if score:
-        rewards, reused = _score(teacher, run, tokenizer, rows, ids, samples.model, logprobs=samples.logprobs,
-                                 temperature=temperature)
+        rewards, reused = score_samples(teacher, run, tokenizer, rows, ids, samples.model,
+                                        logprobs=samples.logprobs, temperature=temperature)
     else:
         rewards = [[None] * len(row) for row in ids]
     del samples
@@ -461,7 +444,7 @@ class _Parts:
         return rows, json.loads(stats.read_text())
 
     def save(self, c: int, rows: list[dict], stats: dict) -> None:
-        from rlt.evaluate import write_json_atomic
+        from rlt.checkpoints import write_json_atomic
 
         if not (self.root / "settings.json").is_file():
             write_json_atomic(self.root / "settings.json", self.settings)
@@ -501,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_completion_length")
     parser.add_argument("--batch-size", type=int, default=16, help="HF backend: sequences per generate call")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="vLLM on CPU: KV cache size")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_VLLM_KV_CACHE_BYTES,
+                        help="vLLM on CPU: KV cache size")
     parser.add_argument("--chunk-rows", type=int, default=512,
                         help="rows per chunk; each finished chunk is kept in <output>.parts/, so a killed run resumes")
     parser.add_argument("--seed", type=int, default=None, help="default: the run's seed (chunk c: seed + c)")
@@ -513,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input, with a one-line error on stderr)."""
-    from rlt.evaluate import _shorten, parse_cli, write_json_atomic
+    from rlt.cli import parse_cli, shorten
 
     args = parse_cli(build_parser(), argv)
     try:
@@ -538,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             seed=args.seed, kv_cache_memory_bytes=args.kv_cache_memory_bytes, chunk_rows=args.chunk_rows,
             work_dir=work_dir)
+        from rlt.checkpoints import write_json_atomic
+
         try:
             path = write_jsonl_atomic(output, rows)
             write_json_atomic(output.with_name(output.name + ".summary.json"), {**summary, "output": str(path)})
@@ -554,8 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{summary['samples_closed']} of {summary['rows'] * summary['num_samples']} samples closed)"
           + (f", mean teacher reward of the kept {mean:.4f}" if mean is not None else ""))
     for row in rows[:2]:
-        print(f"- question: {_shorten(row['question'])}\n  explanation: {_shorten(row['reasoning_trace'])}\n"
-              f"  solution: {_shorten(row['solution'])}  reward: {row['teacher_reward']}")
+        print(f"- question: {shorten(row['question'])}\n  explanation: {shorten(row['reasoning_trace'])}\n"
+              f"  solution: {shorten(row['solution'])}  reward: {row['teacher_reward']}")
     print(f"data: {path}  (train a student: ./launch_mono.sh student_sft_tiny.yaml dataset_id_or_path={path})")
     return 0
 

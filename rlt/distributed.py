@@ -4,16 +4,11 @@
     python -m rlt.distributed free-ports 3                                              # one free TCP port a line
     python -m rlt.distributed wait --world-size 2 --server URL PID LOG [--server ...] RUN_CFG [overrides...]
 
-* `check` composes and validates the run config exactly as each training rank will (`WORLD_SIZE` = the number of
-  training processes, so the batch geometry — accumulation from train_batch_size, generation rounds — is checked for
-  the real world size before any server or weights load) and that generation servers make sense for it.
-* `wait` polls every server's /health until all answer (timeout: the run's `vllm_server_timeout`), and fails early,
-  with the end of its log, when a server process exits while starting.
-* Exit status: 0 ok; 1 a server failed or timed out; 2 a usage or config error (one line on stderr).
-
-DeepSpeed on a CPU-only machine: accelerate only runs DeepSpeed when the Trainer is not told `use_cpu=True`, which
-the recipes set when there is no GPU; `training_args_overrides()` lifts that when the launcher asked for DeepSpeed
-(`ACCELERATE_USE_DEEPSPEED=true`). DeepSpeed then uses its CPU accelerator (gloo).
+`check` validates the run config for the real number of training processes (and its generation servers) before
+any server or weights load; `wait` polls the servers' /health; `ray` runs servers and training nodes as Ray actors
+(`launch_multi.sh --ray`); `training_args_overrides()` lets DeepSpeed run without a GPU. Exit status: 0 ok; 1 a
+server failed or timed out; 2 a usage or config error (one line on stderr). The launch, step by step:
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -25,6 +20,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from rlt.compose import compose, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -53,35 +50,6 @@ def training_args_overrides() -> dict:
     return {}
 
 
-@contextlib.contextmanager
-def _world_size(n: int | None):
-    saved = os.environ.get("WORLD_SIZE")
-    if n is not None:
-        os.environ["WORLD_SIZE"] = str(n)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
-
-
-def compose_validated(run_cfg: str, overrides: list[str], *, world_size: int | None = None):
-    """The validated run config `python -m rlt.train run_cfg=RUN_CFG overrides...` would train with, checked for
-    `world_size` training processes (None: the current WORLD_SIZE). Raises `rlt.errors.ConfigError` (one line)."""
-    from rlt.errors import ConfigError
-    from rlt.memcheck import UsageError as ComposeError
-    from rlt.memcheck import compose_run_config
-
-    run_cfg = run_cfg.removeprefix("run_cfg=")
-    with _world_size(world_size):
-        try:
-            return compose_run_config(run_cfg, list(overrides))
-        except ComposeError as e:
-            raise ConfigError(str(e)) from None
-
-
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct TCP ports free right now (bound together, then released)."""
     sockets = []
@@ -100,7 +68,7 @@ def check(world: int, servers: int, run_cfg: str, overrides: list[str]) -> str:
     """Validate the run for `world` training processes and `servers` generation servers; a one-line summary."""
     if world < 1:
         raise UsageError(f"NUM_TRAIN_GPUS={world} must be >= 1")
-    run = compose_validated(run_cfg, overrides, world_size=world)
+    run = compose(run_cfg, overrides, world_size=world)
     from rlt.models import check_local_paths
 
     check_local_paths(run)
@@ -108,8 +76,8 @@ def check(world: int, servers: int, run_cfg: str, overrides: list[str]) -> str:
     summary += f", gradient_accumulation_steps={run.gradient_accumulation_steps}"
     generates = hasattr(run, "generation_backend")
     if servers and not generates:
-        raise UsageError(f"{servers} vLLM server(s) requested, but run_cfg={run_cfg} trains algorithm={run.algorithm}, "
-                         "which generates nothing: use NUM_VLLM_GPUS=0")
+        raise UsageError(f"{servers} vLLM server(s) requested, but run_cfg={run_cfg} trains "
+                         f"algorithm={run.algorithm}, which generates nothing: use NUM_VLLM_GPUS=0")
     if generates:
         rnd = run.generation_round()
         summary += f", generation round {rnd} completions ({rnd // run.num_generations} prompts × " \
@@ -301,90 +269,150 @@ def ray_launch(args, out=sys.stderr) -> int:
 
     require("ray")
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if args.num_train % args.nodes:
         raise UsageError(f"NUM_TRAIN_GPUS={args.num_train} is not a multiple of --nodes {args.nodes}")
-    run = compose_validated(args.run_cfg, args.overrides, world_size=args.num_train)
-    per_node = args.num_train // args.nodes
-    gpu = 0 if args.cpu else 1
-    bundles = [{"CPU": 1, "GPU": args.tp * gpu} for _ in range(args.servers)]
-    bundles += [{"CPU": 1, "GPU": per_node * gpu} for _ in range(args.nodes)]
-    bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    run = compose(args.run_cfg, args.overrides, world_size=args.num_train)
+    bundles = _ray_bundles(args)
     if args.address == "local":  # a one-machine cluster started here (tests, trying it out)
-        ray.init(num_cpus=len(bundles), num_gpus=None if gpu else 0, include_dashboard=False)
+        ray.init(num_cpus=len(bundles), num_gpus=0 if args.cpu else None, include_dashboard=False)
     else:
         ray.init(address=args.address, include_dashboard=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # after ray.init (it installs its own): run the finally
-    record = Path(args.log_dir) / "pids"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    actors, pg = [], None
+    cluster = _RayActors(args)
     try:
-        pg = placement_group(bundles, strategy=args.strategy)
-        ready, _ = ray.wait([pg.ready()], timeout=args.placement_timeout)
-        if not ready:
-            raise RuntimeError(f"Ray could not place {bundles} ({args.strategy}) within {args.placement_timeout:g}s: "
-                               f"cluster resources {ray.cluster_resources()}")
-        actor_cls = ray.remote(_NodeProcess)
-
-        def actor(index: int, gpus: int):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
-            a = actor_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=4, scheduling_strategy=strategy).remote()
-            actors.append(a)
-            return a
-
-        cpu_env = {"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {}
-        servers, urls, waits = [], [], []
-        for i in range(args.servers):
-            a = actor(i, args.tp * gpu)
-            ip, port = ray.get([a.node_ip.remote(), a.free_port.remote()])
-            log = str(Path(args.log_dir) / f"vllm_server_{i}.log")
-            cmd = [sys.executable, "-m", "rlt.generation.vllm_server", "--host", "0.0.0.0", "--port", str(port),
-                   "--index", str(i), "--train-world-size", str(args.num_train), "--tensor-parallel-size",
-                   str(args.tp), args.run_cfg, *args.overrides]
-            pid = ray.get(a.start.remote(cmd, cpu_env, log, os.getcwd(), str(record)))
-            with open(record, "a") as f:
-                f.write(f"supervisor {pid} {ip} server {i}\n")
-            servers.append(a)
-            urls.append(f"http://{ip}:{port}")
-            waits.append((urls[-1], pid, log))
-            out.write(f"server {i}: {urls[-1]} (supervisor pid {pid} on {ip}), log {log}\n")
-        by_pid = {pid: a for (_, pid, _), a in zip(waits, servers, strict=True)}
-        by_log = {log: a for (_, _, log), a in zip(waits, servers, strict=True)}
-        wait_for_servers(waits, run.vllm_server_timeout, out=out,
-                         alive=lambda pid: ray.get(by_pid[pid].poll.remote()) is None,
-                         tail=lambda log: ray.get(by_log[log].tail.remote()))
-        server_overrides = (["generation_backend=vllm_server", f"vllm_server_urls=[{','.join(urls)}]"]
-                            if urls else [])
-        trainers = [actor(args.servers + k, per_node * gpu) for k in range(args.nodes)]
-        ips = ray.get([a.node_ip.remote() for a in trainers])
-        master, port = ips[0], ray.get(trainers[0].free_port.remote())
-        for k, a in enumerate(trainers):
-            cmd = _train_command(args, k, master, port, server_overrides)
-            pid = ray.get(a.start.remote(cmd, cpu_env, None, os.getcwd(), str(record)))
-            with open(record, "a") as f:
-                f.write(f"supervisor {pid} {ips[k]} training node {k}\n")
-            out.write(f"training node {k}: {' '.join(cmd)}\n")
-        status, running = 0, dict(enumerate(trainers))
-        while running:  # short waits: signals reach this loop
-            for k, a in list(running.items()):
-                rc = ray.get(a.wait.remote(1.0 / len(running)))
-                if rc is None:
-                    continue
-                del running[k]
-                if rc and not status:
-                    status = rc
-                    out.write(f"training node {k} exited with status {rc}: stopping the others\n")
-                    running = {}
-        return status
+        cluster.place(bundles, args.strategy, args.placement_timeout)
+        urls = _ray_start_servers(cluster, args, run.vllm_server_timeout, out)
+        trainers = _ray_start_training(cluster, args, urls, out)
+        return _ray_wait_for_training(trainers, out)
     finally:
-        with contextlib.suppress(Exception):
-            ray.get([a.stop.remote() for a in actors], timeout=60)
-        if pg is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(pg)
+        cluster.stop()
         ray.shutdown()
+
+
+def _ray_gpus(args) -> tuple[int, int]:
+    """GPUs of (one server, one training node); none with --cpu."""
+    return (0, 0) if args.cpu else (args.tp, args.num_train // args.nodes)
+
+
+def _ray_bundles(args) -> list[dict[str, int]]:
+    """The placement group's bundles: one per server, then one per training node (resources of 0 left out)."""
+    server_gpus, node_gpus = _ray_gpus(args)
+    bundles = [{"CPU": 1, "GPU": server_gpus}] * args.servers + [{"CPU": 1, "GPU": node_gpus}] * args.nodes
+    return [{k: v for k, v in b.items() if v} for b in bundles]
+
+
+class _RayActors:
+    """The placement group of a Ray launch and the `_NodeProcess` actors placed in it (actor i in bundle i); every
+    process they start is recorded in LOG_DIR/pids."""
+
+    def __init__(self, args):
+        import ray
+
+        self.record = Path(args.log_dir) / "pids"
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        self.env = {"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {}
+        self.actor_cls = ray.remote(_NodeProcess)
+        self.pg = None
+        self.actors: list = []
+
+    def place(self, bundles: list[dict[str, int]], strategy: str, timeout: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.pg = placement_group(bundles, strategy=strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if not ready:
+            raise RuntimeError(f"Ray could not place {bundles} ({strategy}) within {timeout:g}s: "
+                               f"cluster resources {ray.cluster_resources()}")
+
+    def actor(self, index: int, gpus: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
+        a = self.actor_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=4, scheduling_strategy=strategy).remote()
+        self.actors.append(a)
+        return a
+
+    def start(self, actor, cmd: list[str], log: str | None, where: str) -> int:
+        """Start `cmd` under the actor's supervisor (`where`: "IP what", for the record); the supervisor's pid."""
+        import ray
+
+        pid = ray.get(actor.start.remote(cmd, self.env, log, os.getcwd(), str(self.record)))
+        with open(self.record, "a") as f:
+            f.write(f"supervisor {pid} {where}\n")
+        return pid
+
+    def stop(self) -> None:
+        """Stop every actor's process (its supervisor stops the group), then free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):
+            ray.get([a.stop.remote() for a in self.actors], timeout=60)
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+
+
+def _ray_start_servers(cluster: _RayActors, args, timeout: float, out) -> list[str]:
+    """Start the vLLM servers (actors 0 .. servers-1) and wait until all answer /health; their URLs."""
+    import ray
+
+    server_gpus, _ = _ray_gpus(args)
+    servers, waits = [], []
+    for i in range(args.servers):
+        a = cluster.actor(i, server_gpus)
+        ip, port = ray.get([a.node_ip.remote(), a.free_port.remote()])
+        log = str(Path(args.log_dir) / f"vllm_server_{i}.log")
+        cmd = [sys.executable, "-m", "rlt.generation.vllm_server", "--host", "0.0.0.0", "--port", str(port),
+               "--index", str(i), "--train-world-size", str(args.num_train), "--tensor-parallel-size",
+               str(args.tp), args.run_cfg, *args.overrides]
+        pid = cluster.start(a, cmd, log, f"{ip} server {i}")
+        servers.append(a)
+        waits.append((f"http://{ip}:{port}", pid, log))
+        out.write(f"server {i}: {waits[-1][0]} (supervisor pid {pid} on {ip}), log {log}\n")
+    by_pid = {pid: a for (_, pid, _), a in zip(waits, servers, strict=True)}
+    by_log = {log: a for (_, _, log), a in zip(waits, servers, strict=True)}
+    wait_for_servers(waits, timeout, out=out, alive=lambda pid: ray.get(by_pid[pid].poll.remote()) is None,
+                     tail=lambda log: ray.get(by_log[log].tail.remote()))
+    return [url for url, _, _ in waits]
+
+
+def _ray_start_training(cluster: _RayActors, args, urls: list[str], out) -> list:
+    """Start one training launcher per node (the actors after the servers'), told the servers' URLs; the actors."""
+    import ray
+
+    _, node_gpus = _ray_gpus(args)
+    server_overrides = (["generation_backend=vllm_server", f"vllm_server_urls=[{','.join(urls)}]"]
+                        if urls else [])
+    trainers = [cluster.actor(args.servers + k, node_gpus) for k in range(args.nodes)]
+    ips = ray.get([a.node_ip.remote() for a in trainers])
+    master, port = ips[0], ray.get(trainers[0].free_port.remote())
+    for k, a in enumerate(trainers):
+        cmd = _train_command(args, k, master, port, server_overrides)
+        cluster.start(a, cmd, None, f"{ips[k]} training node {k}")
+        out.write(f"training node {k}: {' '.join(cmd)}\n")
+    return trainers
+
+
+def _ray_wait_for_training(trainers: list, out) -> int:
+    """Wait for every training node; the first non-zero status stops the others and is returned (else 0)."""
+    import ray
+
+    status, running = 0, dict(enumerate(trainers))
+    while running:  # short waits: signals reach this loop
+        for k, a in list(running.items()):
+            rc = ray.get(a.wait.remote(1.0 / len(running)))
+            if rc is None:
+                continue
+            del running[k]
+            if rc and not status:
+                status = rc
+                out.write(f"training node {k} exited with status {rc}: stopping the others\n")
+                running = {}
+                break  # (the others are stopped by the caller)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -449,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "wait":
             timeout = args.timeout
             if timeout is None:
-                timeout = compose_validated(args.run_cfg, args.overrides,
-                                            world_size=args.world_size).vllm_server_timeout
+                timeout = compose(args.run_cfg, args.overrides, world_size=args.world_size).vllm_server_timeout
             servers = [(url, int(pid), log) for url, pid, log in args.server]
             try:
                 wait_for_servers(servers, timeout)
@@ -459,8 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_FAILED
         return EXIT_OK
     except (UsageError, RltError) as e:
-        lines = [ln.strip().lstrip("- ") for ln in str(e).splitlines() if ln.strip()]
-        sys.stderr.write("launch_multi.sh: " + " ".join(lines) + "\n")
+        sys.stderr.write(f"launch_multi.sh: {one_line(e)}\n")
         return EXIT_USAGE
 
 

@@ -19,3 +19,7 @@ class ModelError(RltError):
 
 class MissingExtraError(RltError, ImportError):
     """An optional dependency is not installed; the message names the pip extra that provides it."""
+
+
+class DependencyError(RltError):
+    """An installed dependency is not the version rlt is built against, or lacks an internal rlt patches."""

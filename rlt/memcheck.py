@@ -1,29 +1,24 @@
 """Will this run fit on the GPU?  python -m rlt.memcheck RUN_CFG [overrides...] [--gpu-memory 85GB] [--json]
 
     python -m rlt.memcheck smollm2_sft                                  # 1 GPU of 85 GB (the default)
-    python -m rlt.memcheck tiny_sft model_cfg=qwen2.5_7b_instruct max_length=4096 --gpu-memory 80GiB
     python -m rlt.memcheck tiny_sft model_cfg=qwen2.5_7b_instruct --num-gpus 8 --zero 3 --json
-    ./memcheck.sh smollm2_sft use_peft=false --margin 10GB
 
-Composes the config exactly as `python -m rlt.train` does (cfgs/train.yaml + run_cfg=RUN_CFG + overrides, then
-`rlt.config.validate`), reads each model's architecture (local config.json, `rlt:` built-ins, the Hugging Face cache,
-or the bundled table of common models in `rlt.memory.BUNDLED_ARCHS`; for a checkpoint not trained yet, the stand-in
-named by `memcheck_model_arch` / `memcheck_student_arch`), and prints the per-GPU memory of the peak phase
-of a training step, PASS/FAIL against the budget, the checks (batch geometry, vLLM KV cache), and one-knob changes
-that lower the peak. Sizes: GB = 10^9 bytes, GiB = 2^30 bytes; a size without a unit is refused.
-Exit status: 0 PASS, 1 FAIL, 2 usage or config error (one line on stderr).
+The command line and config adapter of the GPU memory estimator `rlt.memory`: the run config as `python -m rlt.train`
+composes it (`rlt.compose`), each model's architecture, then the per-GPU peak of a training step, PASS/FAIL, the
+checks and one-knob changes that lower the peak. Exit status: 0 PASS, 1 FAIL, 2 usage or config error (one line on
+stderr). Sizes, architecture sources, phases and formulas: docs/memory.md.
 
-Config keys read (`getattr(run, key, default)`: the GRPO/RLT keys do not exist in the schema yet):
+Config keys read by `plan_from_config` (`getattr(run, key, default)`: an SFT run has no GRPO/RLT keys):
 
 | key | default if absent | used for |
 |---|---|---|
 | algorithm | (required) | sft: forward/backward + optimizer phases; grpo/rlt: + generation, scoring |
 | model_name_or_path, model_revision | (required), None | policy architecture |
-| memcheck_model_arch, memcheck_student_arch | None, None | stand-in architecture when the policy / student cannot be read |
+| memcheck_model_arch, memcheck_student_arch | None, None | stand-in architecture when policy / student is unreadable |
 | torch_dtype | auto | weight dtype; auto = the checkpoint's dtype (bf16 if unknown) |
 | mixed_precision | auto | activation dtype; auto = bf16 (the estimate is for a bf16-capable GPU), no = fp32 |
 | load_in_4bit | False | NF4 weights |
-| use_peft, lora_r, lora_target_modules, lora_dropout | False, 16, [all-linear], 0.05 | trainable params, LoRA activations |
+| use_peft, lora_r, lora_target_modules, lora_dropout | False, 16, [all-linear], 0.05 | trainable + LoRA activations |
 | attn_implementation | None (sdpa) | eager keeps seq² scores; flash keeps k/v unexpanded |
 | gradient_checkpointing | False | activations |
 | per_device_train_batch_size, train_batch_size, gradient_accumulation_steps | 8, 8, None | micro-batch, GA |
@@ -51,8 +46,8 @@ import sys
 from pathlib import Path
 
 from rlt import memory as M
+from rlt.compose import compose, one_line
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "cfgs"
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 CLI_FLAGS = ("--zero", "--offload")
 
@@ -89,38 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- config
-
-def compose_run_config(run_cfg: str, overrides: list[str]):
-    """The validated run config `python -m rlt.train run_cfg=RUN_CFG overrides...` would train with."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf.errors import OmegaConfBaseException
-
-    from rlt.config import register_defaults, validate
-    from rlt.errors import RltError
-
-    name = Path(run_cfg).name.removesuffix(".yaml")
-    if not (CONFIG_DIR / "run_cfg" / f"{name}.yaml").is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "run_cfg").glob("*.yaml"))
-        raise UsageError(f"no run config {run_cfg!r} in {CONFIG_DIR / 'run_cfg'} (available: {', '.join(known)})")
-    register_defaults()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"run_cfg={name}", *overrides])
-    except (OmegaConfBaseException, ValueError, KeyError) as e:
-        raise UsageError(f"config: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # hydra's own errors (bad override syntax, unknown group option)
-        if type(e).__module__.startswith("hydra"):
-            raise UsageError(f"config: {str(e).splitlines()[0]}") from None
-        raise
-    try:
-        return validate(cfg)
-    except RltError as e:
-        lines = [ln.strip().lstrip("- ") for ln in str(e).splitlines() if ln.strip()]
-        head = lines[0].rstrip(":")
-        raise UsageError(f"config: {head}: " + "; ".join(lines[1:]) if len(lines) > 1 else f"config: {head}") from None
-
 
 def _read_config_json(path: Path, name: str) -> M.ModelArch:
     try:
@@ -346,16 +309,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("--offload-params needs --zero 3")
     if args.offload and args.zero == 0:
         raise UsageError("--offload needs ZeRO stage 1, 2 or 3")
-    saved_world = os.environ.get("WORLD_SIZE")
-    if args.num_gpus is not None:
-        os.environ["WORLD_SIZE"] = str(args.num_gpus)  # validate() checks the batch geometry for this world size
-    try:
-        run_config = compose_run_config(args.run_cfg, args.overrides)
-    finally:
-        if saved_world is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved_world
+    # the batch geometry is checked for --num-gpus training processes (default: $WORLD_SIZE)
+    run_config = compose(args.run_cfg, args.overrides, world_size=args.num_gpus)
     policy, source = resolve_arch(run_config.model_name_or_path, getattr(run_config, "model_revision", None),
                                   args.model_config, stand_in=run_config.memcheck_model_arch)
     student = student_source = None
@@ -462,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlt.errors import RltError
 
         if isinstance(e, RltError):
-            sys.stderr.write(f"memcheck: error: {str(e).splitlines()[0]}\n")
+            sys.stderr.write(f"memcheck: error: {one_line(e)}\n")
             return EXIT_USAGE
         raise
 

@@ -2,7 +2,8 @@
 
 Built-in names (`rlt:tiny`, `rlt:tiny-wide`, `rlt:smollm2-135m`) are built or converted once into a local cache
 (`$RLT_CACHE_DIR`, default `~/.cache/rlt`) and then load like any local Hugging Face model directory, with
-transformers or vLLM, without a model hub.
+transformers or vLLM, without a model hub (docs/install.md). `load_eval_model` loads what an evaluation or a
+distillation is given (a model, a checkpoint, or a LoRA adapter merged into its base) for generation.
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     tokenizer.clean_up_tokenization_spaces = False  # else transformers warns on every decode of a BPE tokenizer
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    for file, drop in (("config.json", ("quantization_config",)), ("tokenizer_config.json", ("is_local", "local_files_only"))):
+    for file, drop in (("config.json", ("quantization_config",)),
+                       ("tokenizer_config.json", ("is_local", "local_files_only"))):
         data = json.loads((out / file).read_text())
         (out / file).write_text(json.dumps({k: v for k, v in data.items() if k not in drop}, indent=2) + "\n")
 
@@ -431,6 +433,73 @@ def load_model(name_or_path: str, *, torch_dtype: str = "auto", attn_implementat
     return model
 
 
+def is_lora_adapter(name_or_path: str) -> bool:
+    """True if `name_or_path` is a local directory holding a peft adapter (``adapter_config.json``)."""
+    return (Path(str(name_or_path)).expanduser() / "adapter_config.json").is_file()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the LoRA adapter config {adapter_dir / 'adapter_config.json'}: {e}") from e
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"LoRA adapter {adapter_dir} has no base_model_name_or_path in adapter_config.json; "
+                         "cannot tell which base model to merge it into")
+    return base
+
+
+def load_eval_tokenizer(name_or_path: str, **kwargs):
+    """The tokenizer `load_eval_model` uses (left padding): the model's, or a LoRA adapter dir's own if it has one,
+    else its base model's. `kwargs` go to `load_tokenizer`. Raises `ModelError`."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if _looks_like_local_path(name) and not path.exists():
+        raise ModelError(f"model directory '{name}' does not exist (resolved to '{path.resolve()}')")
+    if is_lora_adapter(name) and not (path / "tokenizer_config.json").is_file():
+        base = _adapter_base(path)
+        try:
+            return load_tokenizer(base, padding_side="left", **kwargs)
+        except ModelError as e:
+            raise ModelError(f"LoRA adapter {path}: cannot load its base model {base!r}: {e}") from e
+    return load_tokenizer(name, padding_side="left", **kwargs)
+
+
+def load_eval_model(name_or_path: str, *, torch_dtype: str = "auto"):
+    """``(model, tokenizer)`` ready for generation (eval mode, left padding).
+
+    A LoRA adapter dir is loaded onto its base model (``base_model_name_or_path`` in ``adapter_config.json``) and
+    merged (``PeftModel.from_pretrained(...).merge_and_unload()``); its tokenizer is the adapter dir's if it has one,
+    else the base model's. Raises `ModelError` for a missing directory or a model that cannot be loaded.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    tokenizer = load_eval_tokenizer(name)
+    if not is_lora_adapter(name):
+        model = load_model(name, torch_dtype=torch_dtype, tokenizer=tokenizer)
+        return model.eval(), tokenizer
+
+    base = _adapter_base(path)
+    try:
+        model = load_model(base, torch_dtype=torch_dtype, tokenizer=tokenizer)
+    except ModelError as e:
+        raise ModelError(f"LoRA adapter {path}: cannot load its base model {base!r}: {e}") from e
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - shape mismatch, bad weights file, ...: report, not a bug in rlt
+        raise ModelError(f"cannot apply the LoRA adapter {path} to its base model {base!r}: "
+                         f"{type(e).__name__}: {str(e).strip()[:300]}") from e
+    logger.info("Merged LoRA adapter %s into its base model %s", path, base)
+    return model.eval(), tokenizer
+
+
 def embedding_rows(model) -> int:
     """Rows of `model`'s input embedding; of the whole matrix for a ZeRO-3 partition (whose local tensor is empty
     and whose full shape DeepSpeed keeps in ``ds_shape``)."""
@@ -482,7 +551,8 @@ def make_lora_config(*, r: int, alpha: int, dropout: float, target_modules: list
         modules = "all-linear"
     if not modules:
         raise ModelError("LoRA target_modules is empty; use 'all-linear' or a list of module names")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, task_type=TaskType.CAUSAL_LM)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+                      task_type=TaskType.CAUSAL_LM)
 
 
 def model_num_params(model) -> int:

@@ -6,22 +6,21 @@
     python -m rlt.train run_cfg=tiny_sft --print-config    # validate and print the resolved config, then exit
 
 Config mistakes (unknown keys, wrong types, impossible values, missing data columns, ...) end the program with one
-readable message and exit status 2; a traceback means a bug in rlt.
+readable message and exit status 2; a traceback means a bug in rlt. Runs, run dirs and resuming: README.md.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from rlt.compose import CONFIG_DIR, compose
 from rlt.config import register_defaults, to_yaml, validate
 from rlt.errors import RltError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "cfgs"
 PRINT_CONFIG_FLAG = "--print-config"
 
 
@@ -82,20 +81,6 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         raise ConfigError(f"cannot read the sweep: {str(e).splitlines()[0]}") from None
 
 
-def _composition_error(e: Exception) -> str:
-    """Hydra/OmegaConf's message for a config that does not compose, without its traceback hint; an unknown key
-    named as `validate` names it."""
-    import re
-
-    from rlt.config import unknown_override_message
-
-    text = str(e).split("Config search path:")[0]
-    if match := re.match(r"Could not override '([^']+)'", text):
-        return unknown_override_message(match.group(1))
-    return "\n".join(line.rstrip().replace("\t", "  ") for line in text.splitlines()
-                     if line.strip() and "HYDRA_FULL_ERROR" not in line)
-
-
 def check_overrides(overrides: list[str], *, multirun: bool) -> None:
     """Compose and validate the run (or every job of a multirun sweep) before Hydra starts the first one.
 
@@ -104,9 +89,6 @@ def check_overrides(overrides: list[str], *, multirun: bool) -> None:
     is wrong; an unknown key is named as such (with the closest known keys) instead of Hydra's advice to add it
     with `+`. Sweeps of another sweeper plugin (`hydra/sweeper=...`) are left to Hydra.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from rlt.errors import ConfigError
 
     def is_hydra(o: str) -> bool:
@@ -118,18 +100,10 @@ def check_overrides(overrides: list[str], *, multirun: bool) -> None:
     jobs = sweep_jobs(plain) if multirun else [plain]
     problems = []
     for index, job in enumerate(jobs):
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                validate(compose(config_name="train", overrides=[*job, *filter(is_hydra, overrides)]))
+            compose(overrides=[*job, *filter(is_hydra, overrides)])
         except RltError as e:
             problems.append((index, job, str(e)))
-        except Exception as e:  # omegaconf / hydra composition errors (unknown key or group option, bad value...)
-            if type(e).__module__.split(".")[0] not in ("hydra", "omegaconf"):
-                raise
-            problems.append((index, job, "invalid config:\n  - " + _composition_error(e).replace("\n", "\n    ")))
-        finally:
-            GlobalHydra.instance().clear()
     if not problems:
         return
     if not multirun:

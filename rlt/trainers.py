@@ -1,52 +1,7 @@
-"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with two savings a vLLM generator allows, a resumable synced reference and
-an offloadable reference model.
-
-1. **The importance-sampling ratio from the training forward.** With vLLM and
-   ``vllm_importance_sampling_correction`` TRL runs one extra no-grad forward of the policy over every completion
-   (``old_per_token_logps``) only to compare it with vLLM's sampling log-probs. When generation is aligned with the
-   optimizer step (``gradient_accumulation_steps % (steps_per_generation * num_iterations) == 0``: TRL's own test for
-   "old log-probs equal the current ones"), those log-probs are exactly what the loss forward computes, detached.
-   This trainer skips the extra forward and computes the same ratio (`importance_sampling_ratio`, TRL's definition
-   and modes) from the loss forward's detached log-probs, before TRL's loss multiplies by it. Same loss, same
-   metrics (``sampling/importance_sampling_ratio/*``, ``sampling/sampling_logp_difference/*``, logged per
-   micro-batch), one policy forward fewer per step. Off-policy geometries keep TRL's path unchanged.
-2. **Sampling log-probs for reward functions.** When the generator's per-token sampling log-probs are plain
-   ``log_softmax(logits / temperature)`` (no top-p/top-k/min-p/repetition penalty), every reward function also
-   receives ``sampling_logprobs`` (one list per completion, aligned with ``completion_ids``; None entries where vLLM
-   had none) and ``sampling_temperature``. vLLM returns them (``processed_logprobs``). With HF ``generate`` (no
-   tools, not the continuous-batching path) a `SamplingLogprobRecorder` in the logits-processor chain records them
-   while sampling, when a reward declares ``uses_sampling_logprobs``; TRL itself still gets none for HF generation,
-   so its loss path is unchanged. The RLT teacher reward uses them instead of a teacher forward
-   (`rlt.rewards.TeacherKLReward`, ``reuse_sampling_logprobs``).
-3. **The synced reference model is checkpointed.** With ``sync_ref_model`` TRL mixes the policy into the reference
-   in place every ``ref_model_sync_steps``, but checkpoints hold only the policy and TRL rebuilds the reference from
-   the policy's path: a resumed run (and an RLT run whose student is the reference) silently went back to the initial
-   model. Each checkpoint also gets ``ref_model.safetensors`` (written before the completion marker), loaded again
-   on resume (not under ZeRO-3, where the reference is partitioned: a warning says so).
-4. **The reference model can live on CPU** (``offload_reference``, from ``offload_untrained_models``): TRL keeps it
-   on the GPU for the whole run; here it is moved to the device only for its log-prob forward and for a
-   ``sync_ref_model`` mix (single process or DDP; DeepSpeed/FSDP keep TRL's placement).
-5. **The reference model has the policy's vocabulary.** TRL rebuilds the reference from the policy's path, so when
-   the tokenizer repair added a pad token and the policy's embeddings were resized (`rlt.models.load_model`), the
-   reference had fewer rows: its forward over padded batches indexed past its embedding (and a ``sync_ref_model``
-   mix failed on the shapes). The rebuilt reference is resized to the policy's rows, the new rows copied from it.
-6. **No forward over trailing padding.** TRL right-pads every completion of a generation batch to the longest one
-   and runs each log-prob forward (reference, old policy, the loss forward and its backward) over that full width,
-   chunk by chunk. Here each chunk is cut after the last completion column any of its rows attends to
-   (`completion_columns`) and the log-probs and entropies are padded back with zeros, which is what TRL's fused
-   head returns at masked positions: the same tensors, less work when lengths vary (causal attention: a valid
-   token never sees the columns after it). Text-only inputs (multimodal inputs keep TRL's path). Chunks of a
-   multi-chunk forward (the reference's and old policy's, over a whole generation round) take rows in order of
-   completion length, so a long completion widens one chunk, not all; outputs come back in the caller's order.
-7. **Micro-batches grouped by completion length.** TRL shuffles a generation round before splitting it into
-   micro-batches, so one long completion pads most of them to its length. Where the partition cannot change the
-   update (`groups_micro_batches_by_length`: every round inside one optimizer step, equal micro-batches, and a loss
-   whose sum over micro-batches is the same for any partition: grpo, dr_grpo, dapo, sapo, cispo, luspo; not bnpo,
-   which normalises per micro-batch, nor a ``top_entropy_quantile`` below 1, a per-micro-batch quantile), the rows
-   are ordered by completion length instead, longest first (a run that runs out of memory does so on its first
-   micro-batch). TRL's random permutation is still drawn, so the random stream (and the next round's samples) is
-   TRL's. With 6, the loss forward and backward of each micro-batch cover about its own lengths. The update is the
-   same; metrics TRL logs as a mean of per-micro-batch means (``kl``, ``entropy``, clip ratios) can differ a little.
+"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with seven additions, numbered as in docs/grpo.md ("What our trainer does
+that plain TRL does not"): fewer forwards (1, 6, 7), sampling log-probs for rewards (2), and a reference model that
+is checkpointed when synced (3), can live on CPU (4) and has the policy's vocabulary (5). The TRL internals it
+overrides and swaps are listed in `rlt.trl_patches`, checked when this module is imported.
 """
 
 from __future__ import annotations
@@ -65,8 +20,11 @@ from trl.trainer.utils import nanmax, nanmin
 from rlt.config import IS_MODES, logit_processing
 from rlt.generation.hf_logprobs import SamplingLogprobRecorder
 from rlt.models import match_vocabulary
+from rlt.trl_patches import check_trl, swapped
 
 log = logging.getLogger(__name__)
+
+check_trl()  # the recipes import this module before any model loads: a TRL we cannot patch stops the run here
 
 # the synced reference model (`sync_ref_model`) inside a checkpoint: TRL mixes it in place and rebuilds it from the
 # policy's path at start-up, so without this file a resumed run would compare with the initial policy again
@@ -133,11 +91,8 @@ def _reference_like(policy):
         match_vocabulary(reference, policy)
         return reference
 
-    grpo_module.create_model_from_path = build_like_policy
-    try:
+    with swapped(grpo_module, "create_model_from_path", build_like_policy):
         yield
-    finally:
-        grpo_module.create_model_from_path = build
 
 
 def completion_ends(attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
@@ -204,17 +159,14 @@ def _rounds_split_by_length():
         shuffle(batch)  # TRL's permutation: drawn for the random stream, not used
         return ordered_by_completion_length(batch)
 
-    grpo_module.shuffle_sequence_dict = by_length
-    try:
+    with swapped(grpo_module, "shuffle_sequence_dict", by_length):
         yield
-    finally:
-        grpo_module.shuffle_sequence_dict = shuffle
 
 
 class GRPOTrainer(TRLGRPOTrainer):
-    """TRL's GRPOTrainer plus the seven additions of the module docstring. `is_ratio_from_loss` and
-    `groups_micro_batches_by_length` tell whether additions 1 and 7 are active for this configuration;
-    `trims_completion_padding` switches addition 6 (on)."""
+    """TRL's GRPOTrainer plus the seven additions of docs/grpo.md (its overrides: `rlt.trl_patches.HOOKS`).
+    `is_ratio_from_loss` and `groups_micro_batches_by_length` tell whether additions 1 and 7 are active for this
+    configuration; `trims_completion_padding` switches addition 6 (on)."""
 
     trims_completion_padding = True
 
@@ -244,11 +196,9 @@ class GRPOTrainer(TRLGRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not self.is_ratio_from_loss:
             return super()._generate_and_score_completions(inputs)
-        self.vllm_importance_sampling_correction = False  # TRL then skips the old-log-prob forward
-        try:
+        # off, TRL skips the old-log-prob forward; back on, the loss still applies the ratio we set
+        with swapped(self, "vllm_importance_sampling_correction", False):
             return super()._generate_and_score_completions(inputs)
-        finally:
-            self.vllm_importance_sampling_correction = True  # ... and the loss still applies the ratio we set
 
     def _compute_loss(self, model, inputs):
         if self.is_ratio_from_loss:
@@ -274,7 +224,9 @@ class GRPOTrainer(TRLGRPOTrainer):
 
     def _ratio_and_metrics(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
         sampling = inputs["sampling_per_token_logps"]
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
         ratio = importance_sampling_ratio(logps, sampling, mask, mode=self.vllm_importance_sampling_mode,
                                           clip_min=self.vllm_importance_sampling_clip_min,
                                           clip_max=self.vllm_importance_sampling_clip_max)
@@ -410,8 +362,8 @@ class GRPOTrainer(TRLGRPOTrainer):
                 load_model(ref, path, strict=True, device=str(next(ref.parameters()).device))
                 log.info("Restored the synced reference model from %s", path)
             else:
-                log.warning("%s has no %s: the reference model restarts from the initial policy", resume_from_checkpoint,
-                            REF_MODEL_FILE)
+                log.warning("%s has no %s: the reference model restarts from the initial policy",
+                            resume_from_checkpoint, REF_MODEL_FILE)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- 6. no forward over trailing padding

@@ -18,19 +18,11 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture
 def compose():
-    """compose(overrides) -> the DictConfig `python -m rlt.train <overrides>` would build."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """compose(overrides) -> the DictConfig `python -m rlt.train <overrides>` would build (`rlt.compose.compose_raw`:
+    a config that does not compose raises `ConfigError`)."""
+    from rlt.compose import compose_raw
 
-    from rlt.config import register_defaults
-
-    register_defaults()
-
-    def _compose(overrides=()):
-        with initialize_config_dir(config_dir=str(REPO / "cfgs"), version_base="1.3"):
-            return hydra_compose(config_name="train", overrides=list(overrides))
-
-    return _compose
+    return compose_raw
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +40,17 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The real GSM8K files: ../shared/data/gsm8k beside the repo (or $RLT_GSM8K_DIR). When they are missing the test
+    FAILS where the shared data is expected (a ../shared dir exists, as on the project's machines and in CI, or
+    RLT_REQUIRE_SHARED_DATA=1), and is skipped with the reason elsewhere (a clone on another machine)."""
+    path = Path(os.environ.get("RLT_GSM8K_DIR", SHARED_GSM8K))
+    if (path / "train.jsonl").is_file() and (path / "test.jsonl").is_file():
+        return path
+    message = f"the GSM8K train/test files are not at {path} (set RLT_GSM8K_DIR to their directory)"
+    if os.environ.get("RLT_REQUIRE_SHARED_DATA") == "1" or SHARED_GSM8K.parents[1].is_dir():
+        pytest.fail(message + ": the shared data is expected here")
+    pytest.skip(message)

@@ -84,13 +84,10 @@ def test_grpo_step_quick(tmp_path):
         assert len(run["prompt_length"]) == 3 and max(run["prompt_length"]) < 100, run["prompt_length"]
 
 
-def test_grpo_step_gsm8k_warm_up_quick(tmp_path):
+def test_grpo_step_gsm8k_warm_up_quick(tmp_path, gsm8k_dir):
     """GSM8K prompts and a (2-step) SFT warm-up, built once into the cache dir and reused by the next run."""
     pytest.importorskip("vllm")
-    gsm8k = REPO.parent / "shared" / "data" / "gsm8k"
-    if not (gsm8k / "train.jsonl").is_file():
-        pytest.skip("GSM8K not beside the repo (../shared/data/gsm8k)")
-    extra = ("--data", "gsm8k", "--gsm8k", str(gsm8k), "--warm-up-steps", "2", "--max-prompt-length", "512",
+    extra = ("--data", "gsm8k", "--gsm8k", str(gsm8k_dir), "--warm-up-steps", "2", "--max-prompt-length", "512",
              "--cache-dir", str(tmp_path / "cache"), "--variants", "trl,ours-hf")
     stdout, result = _run("grpo_step.py", tmp_path, *extra)
     assert "SFT warm-up done" in stdout and "gsm8k prompts" in stdout
@@ -111,11 +108,9 @@ def test_learning_quick(tmp_path):
     assert 0.0 <= result["before"]["accuracy"] <= 1.0 and 0.0 <= result["after"]["accuracy"] <= 1.0
 
 
-def test_padding_quick(tmp_path):
+def test_padding_quick(tmp_path, gsm8k_dir):
     """Same log-probs in every variant; ours forwards fewer completion positions (the cut, then the length groups)."""
-    if not (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip("GSM8K not beside the repo (../shared/data/gsm8k)")
-    stdout, result = _run("padding.py", tmp_path)
+    stdout, result = _run("padding.py", tmp_path, "--data", str(gsm8k_dir / "train.jsonl"))
     assert "GRPO round, training side" in stdout
     rows = {r["variant"]: r for r in result["results"]}
     assert set(rows) == {"trl", "cut", "cut+groups"}

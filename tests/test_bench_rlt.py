@@ -1,8 +1,9 @@
-"""The RLT benchmarks run end to end with --quick (bench/teacher_reward.py, bench/rlt_step.py, bench/distill_scoring.py)
-and write their JSON.
+"""The RLT benchmarks run end to end with --quick (bench/teacher_reward.py, bench/rlt_step.py,
+bench/distill_scoring.py) and write their JSON.
 
 No performance assertions: CPU timings on a shared machine are noise. The one value check is that batched teacher
-rewards equal the batch-1 rewards within 1e-4 (also when the teacher's log-probs are the sampling log-probs, as with vLLM).
+rewards equal the batch-1 rewards within 1e-4 (also when the teacher's log-probs are the sampling log-probs, as
+with vLLM).
 """
 
 import json

@@ -27,7 +27,6 @@ from rlt.data import (
 from rlt.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 SYS = {"role": "system", "content": "Be brief."}
 
@@ -458,18 +457,17 @@ def test_gsm8k_eval_helpers_on_fixture():
 # ------------------------------------------------------------------------------------------------------ real GSM8K
 
 
-@pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason=f"GSM8K not available at {GSM8K_DIR}")
-def test_real_gsm8k_loads():
-    expected = {split: sum(1 for line in (GSM8K_DIR / f"{split}.jsonl").open() if line.strip())
+def test_real_gsm8k_loads(gsm8k_dir):
+    expected = {split: sum(1 for line in (gsm8k_dir / f"{split}.jsonl").open() if line.strip())
                 for split in ("train", "test")}
     assert expected == {"train": 7473, "test": 1319}
-    train, test = prepare_sft_datasets(dataset_id_or_path=str(GSM8K_DIR), data_format="gsm8k",
+    train, test = prepare_sft_datasets(dataset_id_or_path=str(gsm8k_dir), data_format="gsm8k",
                                        completion_style="reasoning_answer_tags")
     assert (len(train), len(test)) == (expected["train"], expected["test"])
     for ds in (train, test):
         for completion in ds["completion"]:
             answer = re.search(r"<answer>\n(.*)\n</answer>$", completion[0]["content"])
             assert answer and re.fullmatch(r"-?\d+(\.\d+)?", answer.group(1)), completion
-    items = prepare_gsm8k_eval(dataset_id_or_path=str(GSM8K_DIR))
+    items = prepare_gsm8k_eval(dataset_id_or_path=str(gsm8k_dir))
     assert len(items) == expected["test"]
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", item["answer"]) for item in items)

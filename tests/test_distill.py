@@ -25,7 +25,7 @@ from rlt.distill import (
     teacher_model_dir,
 )
 from rlt.errors import ConfigError, DataError
-from rlt.evaluate import Sampling
+from rlt.generation.sampling import Sampling
 from rlt.train import run_training
 
 STRATOS = get_teacher_format("stratos")
@@ -100,15 +100,22 @@ def test_run_config_of_a_trained_teacher(tmp_path, compose):
         .max_completion_length == 8
 
 
-def test_reward_keys_are_those_the_reward_config_passes():
-    """distill builds the reward from the run's flat keys: the same keys reward_cfg/teacher_logprob_kl gives it."""
-    import yaml
+def test_the_reward_is_built_from_the_run_config(tiny_model_path):
+    """distill builds the reward as the RLT recipe does, from the run config (`TeacherKLReward.from_run`): every
+    reward key, the sampling temperature; a run scored by its reference model reuses no sampling log-probs."""
+    from rlt.config import TeacherRewardSection
+    from rlt.models import load_model, load_tokenizer
+    from rlt.rewards.teacher import TeacherKLReward
 
-    from rlt.distill import REWARD_KEYS
-    from tests.conftest import REPO
-
-    entry = yaml.safe_load((REPO / "cfgs" / "reward_cfg" / "teacher_logprob_kl.yaml").read_text())["reward_funcs"][0]
-    assert sorted(REWARD_KEYS) == sorted(k for k in entry if k != "_target_")
+    run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny",
+                          overrides=["clip_kl=7.0", "not_matched_penalty=-2.0", "teacher_reward_batch_size=3",
+                                     "use_reference_teacher_model=true", "kl_penalty_reward_coeff=[2.0,0.5]"])
+    tok = load_tokenizer(tiny_model_path)
+    reward = TeacherKLReward.from_run(run, student_model=load_model("rlt:tiny", tokenizer=tok), tokenizer=tok)
+    assert reward.settings == TeacherRewardSection.of(run, teacher_reuse_sampling_logprobs=False)
+    assert (reward.clip_kl, reward.not_matched_penalty, reward.kl_coeffs) == (7.0, -2.0, [2.0, 0.5])
+    assert reward.scorer.batch_size == 3 and reward.teacher_temperature == run.temperature == 0.7
+    assert reward.offload_untrained_models == run.offload_untrained_models
 
 
 def test_scores_are_the_runs_teacher_reward(monkeypatch, compose, tiny_model_path):
@@ -211,8 +218,7 @@ def test_a_reference_teacher_run_is_scored_with_its_initial_model(monkeypatch, t
     assert summary["samples_reusing_sampling_logprobs"] == 0
 
     student, initial = load_model("rlt:tiny-wide", tokenizer=tok), load_model("rlt:tiny", tokenizer=tok)
-    keys = {k: getattr(run, k) for k in distill_mod.REWARD_KEYS}
-    keys.update(teacher_format=run.teacher_format, temperature=run.temperature)
+    keys = dict(settings=run, teacher_format=run.teacher_format, temperature=run.temperature)
     row = rows[0]
     call = dict(completion_ids=fixed, question=[row["question"]], solution=[row["solution"]])
     prompt = [teacher_rl_prompt(TeacherRow(question=row["question"], solution=row["solution"], trace=None),
@@ -346,10 +352,10 @@ def test_a_killed_distillation_resumes_after_its_last_finished_chunk(tmp_path, m
 
     run = load_run_config("rlt:tiny", run_cfg="teacher_rlt_tiny", overrides=["max_completion_length=8"])
     options = dict(teacher="rlt:tiny", run=run, limit=6, num_samples=2, keep_unclosed=True, chunk_rows=2)
-    import rlt.evaluate
+    import rlt.models
 
-    load, loads = rlt.evaluate.load_eval_model, []
-    monkeypatch.setattr(rlt.evaluate, "load_eval_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    load, loads = rlt.models.load_eval_model, []
+    monkeypatch.setattr(rlt.models, "load_eval_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
     whole, summary = distill_mod.distill(**options)
     assert summary["rows"] == 6 and [r["source_index"] for r in whole] == list(range(6))
     assert loads == ["rlt:tiny"] * 3  # HF: one teacher load per chunk, generating and scoring with it

@@ -17,7 +17,6 @@ training processes, and each prompt is sampled with its own seed (run seed, roun
 from __future__ import annotations
 
 import http.server
-import inspect
 import json
 import os
 import re
@@ -33,7 +32,9 @@ import pytest
 from rlt import distributed
 from rlt.config import validate
 from rlt.errors import ConfigError
+from rlt.generation import vllm_client as vcl
 from rlt.generation import vllm_server as vs
+from rlt.generation.shm import shm_dir
 from rlt.rewards.teacher import TeacherKLReward
 
 from .conftest import REPO
@@ -52,22 +53,18 @@ class RankSkewedTeacherReward(TeacherKLReward):
     ranks run different numbers of forwards, as different completions (lengths, blank rows, prefix groups) make them
     do in real runs."""
 
-    def __init__(self, **kwargs):
-        kwargs["batch_size"] = 1 if os.environ.get("RANK") == "1" else 8
-        super().__init__(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
-                         reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"],
-                         normalize_log_prob_fn=None, normalize_kl_fn=None, **kwargs)
-
-    __init__.__signature__ = inspect.signature(TeacherKLReward.__init__)  # the recipe passes what the parent takes
+    def __init__(self, *args, **kwargs):
+        kwargs["teacher_reward_batch_size"] = 1 if os.environ.get("RANK") == "1" else 8
+        super().__init__(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- config keys and the launch-time check
 
 def test_server_keys_validate_with_the_key_and_numbers(compose):
     run = validate(compose(["run_cfg=tiny_grpo", "vllm_server_urls=[http://127.0.0.1:8001,http://10.0.0.2:8002/]"]))
-    assert vs.server_urls(run.vllm_server_urls, run.vllm_server_host, run.vllm_server_port) == [
+    assert vcl.server_urls(run.vllm_server_urls, run.vllm_server_host, run.vllm_server_port) == [
         "http://127.0.0.1:8001", "http://10.0.0.2:8002"]
-    assert vs.server_urls([], "host", 9) == ["http://host:9"]
+    assert vcl.server_urls([], "host", 9) == ["http://host:9"]
     bad = {"vllm_server_urls=[localhost:8000]": r"vllm_server_urls\[0\]='localhost:8000' must look like http://HOST:PORT",
            "vllm_server_urls=[http://a:1,http://a:1]": r"lists a server twice",
            "vllm_server_urls=[http://a:70000]": r"vllm_server_urls\[0\]='http://a:70000'",
@@ -211,16 +208,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def test_split_evenly():
-    assert vs.split_evenly(5, 2) == [(0, 3), (3, 5)]
-    assert vs.split_evenly(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    assert vs.split_evenly(1, 3) == [(0, 1)]  # idle servers get no request
+    assert vcl.split_evenly(5, 2) == [(0, 3), (3, 5)]
+    assert vcl.split_evenly(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert vcl.split_evenly(1, 3) == [(0, 1)]  # idle servers get no request
 
 
 def test_generation_is_split_across_servers_in_order_and_does_not_depend_on_their_number():
     one, a, b = _StandIn(), _StandIn(), _StandIn()
     prompts = [[10], [11], [12], [13], [14]]
-    single = vs.VLLMServerClient([one.url], seed=7)
-    double = vs.VLLMServerClient([a.url, b.url], seed=7)
+    single = vcl.VLLMServerClient([one.url], seed=7)
+    double = vcl.VLLMServerClient([a.url, b.url], seed=7)
     out1 = single.generate(prompts, n=2, max_tokens=3)
     out2 = double.generate(prompts, n=2, max_tokens=3)
     assert out1 == out2  # same per-prompt seeds whatever the number of servers
@@ -229,20 +226,20 @@ def test_generation_is_split_across_servers_in_order_and_does_not_depend_on_thei
     assert len(out2["logprobs"]) == 10
     again = single.generate(prompts, n=2, max_tokens=3)  # round 2: new seeds
     assert again["completion_ids"] != out1["completion_ids"]
-    assert vs.VLLMServerClient([one.url], seed=7).generate(prompts, n=2)["completion_ids"] == out1["completion_ids"]
+    assert vcl.VLLMServerClient([one.url], seed=7).generate(prompts, n=2)["completion_ids"] == out1["completion_ids"]
 
 
 def test_weights_go_through_shm_locally_and_in_the_body_to_other_hosts():
     import torch
 
     local, remote = _StandIn(), _StandIn()
-    client = vs.VLLMServerClient([local.url, remote.url], transport="shm")
+    client = vcl.VLLMServerClient([local.url, remote.url], transport="shm")
     weights = [("a.weight", torch.arange(6.0).reshape(2, 3)), ("b.bias", torch.ones(2))]
     client.update_named_params(None, iter(weights))
     assert ("update_weights", "path") in local.requests and ("update_weights", "path") in remote.requests
     torch.testing.assert_close(local.loaded[0]["a.weight"], weights[0][1])
-    assert not list(Path(vs._shm_dir()).glob(f"rlt-weights-{os.getpid()}-*"))  # the file is removed afterwards
-    auto = vs.VLLMServerClient([remote.url])  # the stand-in reports another hostname: bytes in the request body
+    assert not list(Path(shm_dir()).glob(f"rlt-weights-{os.getpid()}-*"))  # the file is removed afterwards
+    auto = vcl.VLLMServerClient([remote.url])  # the stand-in reports another hostname: bytes in the request body
     auto.wait_until_ready()
     auto.update_named_params(None, iter(weights))
     assert remote.requests[-1] == ("update_weights", "bytes")
@@ -257,22 +254,22 @@ def test_a_dead_or_slow_server_stops_with_a_message_naming_it():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    client = vs.VLLMServerClient([_StandIn().url, dead], resume_hint="Restart to resume from checkpoint-2.")
-    with pytest.raises(vs.VLLMServerError, match=rf"vLLM server {dead} failed during generate \(1 prompts × 2\): "
+    client = vcl.VLLMServerClient([_StandIn().url, dead], resume_hint="Restart to resume from checkpoint-2.")
+    with pytest.raises(vcl.VLLMServerError, match=rf"vLLM server {dead} failed during generate \(1 prompts × 2\): "
                                                   r"connection refused .*Training stops here. Restart to resume"):
         client.generate([[1], [2]], n=2)
-    slow = vs.VLLMServerClient([_StandIn(delay=2.0).url], request_timeout=0.3)
-    with pytest.raises(vs.VLLMServerError, match=r"no answer within 0.3s \(vllm_server_request_timeout\)"):
+    slow = vcl.VLLMServerClient([_StandIn(delay=2.0).url], request_timeout=0.3)
+    with pytest.raises(vcl.VLLMServerError, match=r"no answer within 0.3s \(vllm_server_request_timeout\)"):
         slow.generate([[1]], n=1)
-    waiting = vs.VLLMServerClient([dead], connect_timeout=0.5)
-    with pytest.raises(vs.VLLMServerError, match=rf"{dead} not ready after 0.5s \(vllm_server_timeout\)"):
+    waiting = vcl.VLLMServerClient([dead], connect_timeout=0.5)
+    with pytest.raises(vcl.VLLMServerError, match=rf"{dead} not ready after 0.5s \(vllm_server_timeout\)"):
         waiting.wait_until_ready(poll_seconds=0.1)
 
 
 def test_vllm_server_is_an_rlt_error_so_the_trainer_prints_one_line():
     from rlt.errors import RltError
 
-    assert issubclass(vs.VLLMServerError, RltError)
+    assert issubclass(vcl.VLLMServerError, RltError)
 
 
 # ---------------------------------------------------------------- real processes (slow)
@@ -477,7 +474,7 @@ def test_server_weight_sync_then_server_death_stops_the_trainer_cleanly(tmp_path
         assert r.returncode == 0, r.stderr[-4000:]
         print(f"2 steps with the server: {time.monotonic() - start:.0f}s")  # noqa: T201
 
-        client = vs.VLLMServerClient([url])
+        client = vcl.VLLMServerClient([url])
         client.wait_until_ready()
         assert client.get_server_info()["weights_version"] == 2  # synced before each of the 2 generation rounds
         tokenizer = load_tokenizer(str(out / "final"))

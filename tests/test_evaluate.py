@@ -1,4 +1,5 @@
-"""`python -m rlt.evaluate`: a real GSM8K slice with the tiny (random) model, pass@k, LoRA merge, CLI errors."""
+"""`python -m rlt.evaluate`: grading, a real GSM8K slice with the tiny (random) model, pass@k, LoRA merge, CLI errors;
+the decoding it uses (`rlt.generation.sampling`) on both backends."""
 
 import json
 import os
@@ -8,26 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rlt.evaluate import (
-    GREEDY,
-    Sampling,
-    answer_from_completion,
-    answers_match,
-    evaluate,
-    generate_hf_ids,
-    generate_vllm_ids,
-    gsm8k_accuracy,
-    is_lora_adapter,
-    load_eval_model,
-    main,
-    make_vllm_engine,
-    pass_at_k,
-    write_json_atomic,
-)
+from rlt.checkpoints import write_json_atomic
+from rlt.evaluate import _grade, evaluate, gsm8k_accuracy, main, pass_at_k
+from rlt.generation.sampling import GREEDY, Sampling, generate_hf_ids, generate_vllm_ids, make_vllm_engine
+from rlt.models import is_lora_adapter, load_eval_model
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = Path(__file__).resolve().parents[2] / "shared/data/gsm8k"
-needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"no GSM8K test set at {GSM8K}")
 
 
 # ----------------------------------------------------------------------------------------------------- pass@k
@@ -55,13 +42,80 @@ def test_pass_at_k_rejects_impossible_arguments(n, c, k):
         pass_at_k(n, c, k)
 
 
-def test_answer_helpers_use_the_reward_checker():
-    assert answer_from_completion("<answer>\n19\n</answer>") == "19"
-    assert answer_from_completion("so 3 + 4 = 7\n#### 7") == "7"
-    assert answer_from_completion("it is 1,234.") == "1,234"
-    assert answers_match("1,234", "1234.0") and answers_match("3/4", "0.75")
-    assert answers_match("\\boxed{12}", "12") and answers_match("abc", "abc")
-    assert not answers_match(None, "5") and not answers_match("-5", "5")
+# ---------------------------------------------------------------------------------------------------- grading
+
+
+@pytest.mark.parametrize(("completion", "answer", "graded"), [
+    ("<answer>\n19\n</answer>", "19", (2.0, "19")),  # in the tags: correct and strict
+    ("<answer>1,234</answer>", "1234", (2.0, "1,234")),  # math-verify: "1,234" == "1234"
+    ("<answer>3/4</answer>", "0.75", (2.0, "3/4")),
+    ("<answer>\\boxed{12}</answer>", "12", (2.0, "\\boxed{12}")),
+    ("so 3 + 4 = 7\n#### 7", "7", (1.0, "7")),  # after ####: correct, not strict
+    ("it is 1,234.", "1234", (1.0, "1,234")),  # the last number: correct, not strict
+    ("<answer>x</answer> so 12", "12", (1.0, "12")),  # a wrong tagged answer, the right last number
+    ("<answer>-5</answer>", "5", (0.0, "-5")),  # wrong: what it said is still reported
+    ("no answer here", "5", (0.0, None)),
+])
+def test_grade_is_the_training_reward_checker(completion, answer, graded):
+    assert _grade(completion, answer) == graded
+
+
+def _stub_generation(monkeypatch, greedy: list[str], sampled: list[list[str]] | None = None):
+    """Generation replaced by fixed completions (prompts rendered as their last message), so that what
+    `evaluate` reports comes from the grader alone."""
+    import rlt.evaluate as evaluate_mod
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return messages[-1]["content"]
+
+    def backend(model, torch_dtype, stack):
+        def generate(texts, *, num_samples, sampling, **options):
+            if sampling is GREEDY:
+                assert num_samples == 1 and len(texts) == len(greedy)
+                return [[c] for c in greedy]
+            assert sampled is not None and len(texts) == len(sampled)
+            assert all(len(row) == num_samples for row in sampled)
+            return sampled
+
+        return Tokenizer(), generate
+
+    monkeypatch.setattr(evaluate_mod, "_hf_backend", backend)
+
+
+def test_evaluate_scores_with_the_grader(tmp_path, monkeypatch):
+    """By hand: greedy completions scored 2, 1, 2, 0 -> accuracy 3/4, strict (in the tags) 2/4; samples correct 1,
+    3, 0, 1 of 3 -> pass@2 = mean(1 - 1/3, 1, 0, 1 - 1/3) = 7/12."""
+    answers = ["19", "7", "1234", "5"]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"question": f"question {i}", "answer": f"#### {a}"})
+                                                 + "\n" for i, a in enumerate(answers)))
+    greedy = ["<answer>\n19\n</answer>", "so 3 + 4 = 7\n#### 7", "<answer>1,234</answer>", "<answer>-5</answer>"]
+    sampled = [["<answer>19</answer>", "no answer here", "<answer>20</answer>"],
+               ["#### 7", "7", "<answer>7</answer>"],
+               ["no", "12", "<answer>1235</answer>"],
+               ["<answer>3/4</answer>", "it is 5.", "x"]]
+    _stub_generation(monkeypatch, greedy, sampled)
+    results = evaluate(model="stub", data=str(tmp_path), k=2, num_samples=3, temperature=1.0)
+    assert results["n"] == 4 and results["accuracy"] == 0.75 and results["strict_accuracy"] == 0.5
+    assert results["pass_at_k"] == pytest.approx(7 / 12)
+    got = [(p["score"], p["predicted"], p["correct"], p["samples_correct"]) for p in results["predictions"]]
+    assert got == [(2.0, "19", True, 1), (1.0, "7", True, 3), (2.0, "1,234", True, 0), (0.0, "-5", False, 1)]
+    assert [p["answer"] for p in results["predictions"]] == answers
+    expected = [[g, *s] for g, s in zip(greedy, sampled, strict=True)]  # greedy first, then the samples
+    assert [p["completions"] for p in results["predictions"]] == expected
+
+
+def test_gsm8k_accuracy_scores_with_the_grader(monkeypatch):
+    """The SFT recipe's accuracy: correct when the grader gives any credit (the #### answer counts)."""
+    import rlt.evaluate as evaluate_mod
+
+    completions = ["<answer>4</answer>", "#### 4", "<answer>5</answer>"]
+    monkeypatch.setattr(evaluate_mod, "render_prompts", lambda tokenizer, problems: [str(p) for p in problems])
+    monkeypatch.setattr(evaluate_mod, "generate_hf", lambda model, tokenizer, texts, **kw: [[c] for c in completions])
+    result = gsm8k_accuracy(None, None, [{"prompt": [], "answer": "4"}] * 3)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert [(p["predicted"], p["correct"]) for p in result["predictions"]] == [("4", True), ("4", True), ("5", False)]
 
 
 def test_write_json_atomic_replaces_and_leaves_no_temp_files(tmp_path):
@@ -75,26 +129,25 @@ def test_write_json_atomic_replaces_and_leaves_no_temp_files(tmp_path):
 # ------------------------------------------------------------------------------------------------ real GSM8K
 
 
-def _gsm8k_first_answers(n):
+def _gsm8k_first_answers(gsm8k_dir, n):
     from rlt.data.formats import gsm8k_final_answer
 
-    with open(GSM8K / "test.jsonl", encoding="utf-8") as f:
+    with open(gsm8k_dir / "test.jsonl", encoding="utf-8") as f:
         return [gsm8k_final_answer(json.loads(line)["answer"]) for line, _ in zip(f, range(n), strict=False)]
 
 
-@needs_gsm8k
-def test_cli_on_a_20_problem_gsm8k_slice(tmp_path, capsys):
+def test_cli_on_a_20_problem_gsm8k_slice(tmp_path, capsys, gsm8k_dir):
     out = tmp_path / "results.json"
-    status = main(["--model", "rlt:tiny", "--data", str(GSM8K), "--split", "test", "--limit", "20",
+    status = main(["--model", "rlt:tiny", "--data", str(gsm8k_dir), "--split", "test", "--limit", "20",
                    "--max-new-tokens", "16", "--batch-size", "10", "--output", str(out)])
     assert status == 0
     results = json.loads(out.read_text(encoding="utf-8"))
-    assert results["model"] == "rlt:tiny" and results["data"] == str(GSM8K) and results["split"] == "test"
+    assert results["model"] == "rlt:tiny" and results["data"] == str(gsm8k_dir) and results["split"] == "test"
     assert results["n"] == 20 and len(results["predictions"]) == 20
     assert results["backend"] == "hf" and "pass_at_k" not in results
     assert 0.0 <= results["strict_accuracy"] <= results["accuracy"] <= 1.0
     assert results["accuracy"] == sum(p["correct"] for p in results["predictions"]) / 20
-    assert [p["answer"] for p in results["predictions"]] == _gsm8k_first_answers(20)  # first 20, file order
+    assert [p["answer"] for p in results["predictions"]] == _gsm8k_first_answers(gsm8k_dir, 20)  # first 20, file order
     for p in results["predictions"]:
         assert set(p) >= {"question", "prompt", "completions", "predicted", "answer", "correct"}
         assert p["question"] in p["prompt"] and p["prompt"].endswith("<|im_start|>assistant\n")
@@ -105,9 +158,8 @@ def test_cli_on_a_20_problem_gsm8k_slice(tmp_path, capsys):
     assert "accuracy" in printed and printed.count("- question:") == 3 and str(out) in printed
 
 
-@needs_gsm8k
-def test_pass_at_k_samples_and_system_prompt():
-    results = evaluate(model="rlt:tiny", data=str(GSM8K), limit=3, k=2, num_samples=3, temperature=1.0,
+def test_pass_at_k_samples_and_system_prompt(gsm8k_dir):
+    results = evaluate(model="rlt:tiny", data=str(gsm8k_dir), limit=3, k=2, num_samples=3, temperature=1.0,
                        max_new_tokens=8, batch_size=4, system_prompt="@reasoning")
     assert results["k"] == 2 and results["num_samples"] == 3 and results["temperature"] == 1.0
     assert (results["top_p"], results["top_k"], results["min_p"]) == (1.0, None, None)
@@ -259,8 +311,7 @@ def test_gsm8k_accuracy_api_for_the_sft_recipe(tiny_model_path):
 # -------------------------------------------------------------------------------------------------------- LoRA
 
 
-@needs_gsm8k
-def test_lora_adapter_is_detected_and_merged(tmp_path, tiny_model_path):
+def test_lora_adapter_is_detected_and_merged(tmp_path, tiny_model_path, gsm8k_dir):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -283,7 +334,7 @@ def test_lora_adapter_is_detected_and_merged(tmp_path, tiny_model_path):
     torch.testing.assert_close(model.state_dict()[key], expected)
 
     out = tmp_path / "lora.json"
-    assert main(["--model", str(adapter), "--data", str(GSM8K), "--limit", "2", "--max-new-tokens", "4",
+    assert main(["--model", str(adapter), "--data", str(gsm8k_dir), "--limit", "2", "--max-new-tokens", "4",
                  "--output", str(out)]) == 0
     assert json.loads(out.read_text())["n"] == 2
 

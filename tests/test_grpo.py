@@ -23,9 +23,20 @@ def _run(compose, tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
-def test_grpo_three_steps_each_loss_type(compose, tmp_path, loss_type):
+def test_grpo_three_steps_each_loss_type(compose, tmp_path, loss_type, monkeypatch):
+    from rlt.trainers import GRPOTrainer
+
+    used = []  # the loss type TRL's loss computation reads, at every micro-batch
+    compute_loss = GRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        used.append(self.loss_type)
+        return compute_loss(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy)
     summary = _run(compose, tmp_path, f"loss_type={loss_type}")
     assert summary["global_step"] == 3
+    assert used and set(used) == {loss_type}, used
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward" in r]
     assert len(records) == 3
     for r in records:  # both reward components are logged separately, plus the KL to the reference model
@@ -67,8 +78,10 @@ def test_grpo_defaults_are_the_reference_semantics(compose):
 
 
 def test_geometry_of_the_85gb_plan_is_rejected_with_numbers(compose):
-    """rlt-spec §6: batch 96, per-device 3, 24 generations, aggregation 3 → GA = 96/3 = 32, and 3 does not divide 32."""
-    with pytest.raises(ConfigError, match=r"generation_aggregation_steps=3 must divide gradient_accumulation_steps=32"):
+    """rlt-spec §6: batch 96, per-device 3, 24 generations, aggregation 3 → GA = 96/3 = 32, and 3 does not
+    divide 32."""
+    with pytest.raises(ConfigError,
+                       match=r"generation_aggregation_steps=3 must divide gradient_accumulation_steps=32"):
         validate(compose(["run_cfg=tiny_grpo", "train_batch_size=96", "per_device_train_batch_size=3",
                           "num_generations=24", "generation_aggregation_steps=3"]))
     # the consistent choice: G = 32 → one round of 96 = 4 prompts × 24

@@ -251,7 +251,8 @@ def test_spec6_group_that_does_not_fit_is_a_warning_one_sequence_must_fit():
     """At 0.25 × 85 GB = 21.25 GB the engine holds weights 15.23 + profile 1.13 + non-torch 0.50 GB and a KV cache of
     4.39 GB = 76,618 tokens at 57,344 B: one 12,288-token sequence (0.70 GB) fits, a group of 24 (16.91 GB) does not
     (vLLM generates it in turns: slower, no error). At 0.20 the KV cache is 0.14 GB < 0.70 GB: vLLM would not start."""
-    est = M.estimate(spec6_plan(generation_aggregation_steps=32, generation_round=96, vllm_gpu_memory_utilization=0.25))
+    est = M.estimate(spec6_plan(generation_aggregation_steps=32, generation_round=96,
+                                vllm_gpu_memory_utilization=0.25))
     checks = {c.name: c for c in est.checks}
     assert approx_gb(est.vllm["kv_available"], 4.39)
     assert checks["KV cache holds one sequence"].ok
@@ -259,7 +260,8 @@ def test_spec6_group_that_does_not_fit_is_a_warning_one_sequence_must_fit():
     assert "at most 6 full-length sequences at once" in checks["KV cache holds one group"].message  # 4.39 / 0.70
     assert "KV cache holds the generation round" not in checks  # one warning for the same shortfall
     assert est.passed
-    est = M.estimate(spec6_plan(generation_aggregation_steps=32, generation_round=96, vllm_gpu_memory_utilization=0.20))
+    est = M.estimate(spec6_plan(generation_aggregation_steps=32, generation_round=96,
+                                vllm_gpu_memory_utilization=0.20))
     sequence = {c.name: c for c in est.checks}["KV cache holds one sequence"]
     assert not sequence.ok and sequence.severity == "fail" and "refuse to start" in sequence.message
     assert not est.passed
@@ -494,8 +496,8 @@ def test_teacher_reward_scoring_bytes_bounds_the_measured_peak(tiny_model_path):
     arch, _ = resolve_arch(tiny_model_path)
 
     def peak(tokens_per_forward: int) -> int:
-        reward = TeacherKLReward(student, tok, teacher, teacher_format=fmt, batch_size=4,
-                                 tokens_per_forward=tokens_per_forward)
+        reward = TeacherKLReward(student, tok, teacher, teacher_format=fmt, teacher_reward_batch_size=4,
+                                 teacher_reward_tokens_per_forward=tokens_per_forward)
         reward(**call)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             reward(**call)

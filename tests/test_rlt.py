@@ -80,8 +80,19 @@ def test_separate_student_model_offloaded(compose, tmp_path, tiny_model_path, mo
 def test_separate_student_with_a_new_pad_token(compose, tmp_path, tiny_model_path):
     """pad_token set to a token the vocabulary lacks: the teacher's and the student's tokenizers are repaired the same
     way (the shared-tokenizer check compared a repaired one with an unrepaired one), both models are resized."""
+    from safetensors.torch import load_file
+
     summary = _rlt(compose, tmp_path, f"student_model={tiny_model_path}", "pad_token='<|newpad|>'", "max_steps=1")
     assert summary["global_step"] == 1
+    (record,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward" in r]
+    for key in ("teacher_kl/log_prob_term", "teacher_kl/kl_term", "teacher_kl/match_reward"):  # scored, not NaN
+        assert record[key] == record[key], key
+    assert record["reward"] == pytest.approx(record["teacher_kl/log_prob_term"] - record["teacher_kl/kl_term"]
+                                             + record["teacher_kl/match_reward"], abs=1e-4)
+    before, after = (load_file(f"{d}/model.safetensors") for d in (tiny_model_path, tmp_path / "final"))
+    assert after["model.embed_tokens.weight"].shape[0] > before["model.embed_tokens.weight"].shape[0]  # resized
+    changed = [k for k in before if k != "model.embed_tokens.weight" and not before[k].equal(after[k])]
+    assert changed, "the teacher's weights did not change in a training step"
 
 
 def test_reference_model_as_the_teacher(compose, tmp_path, monkeypatch):
@@ -145,8 +156,29 @@ def test_bad_rlt_config(compose, overrides, message):
 
 
 def test_scalar_kl_coefficient_is_accepted(compose):
+    from rlt.config import TeacherRewardSection, paired_coefficients
+
     run = validate(compose(["run_cfg=teacher_rlt_tiny", "kl_penalty_reward_coeff=0.0"]))
-    assert run.reward_funcs[0]["kl_penalty_reward_coeff"] == 0.0
+    settings = TeacherRewardSection.of(run)
+    assert paired_coefficients(settings.kl_penalty_reward_coeff, len(settings.reduction_kl_fn)) == [0.0, 0.0]
+
+
+def test_reward_keys_are_defined_once(compose):
+    """The teacher reward's keys come from the run config (the schema's defaults unless a YAML or the command line
+    sets them): the reward entry lists no key; an entry's own kwargs override the run's and are checked with them."""
+    from rlt.config import TeacherRewardSection
+
+    run = validate(compose(["run_cfg=teacher_rlt_tiny", "clip_kl=50"]))
+    assert run.reward_funcs == [{"_target_": "rlt.rewards.TeacherKLReward"}]
+    assert run.answer_log_prob_coeff == TeacherRewardSection().answer_log_prob_coeff == [1.0, 0.01]
+    assert TeacherRewardSection.of(run).clip_kl == 50
+    entry = "reward_funcs=[{_target_: rlt.rewards.TeacherKLReward, kl_penalty_reward_coef: 1.0}]"
+    with pytest.raises(ConfigError, match=r"kl_penalty_reward_coef: not a teacher reward key \(did you mean "
+                                          r"kl_penalty_reward_coeff\?\)"):
+        validate(compose(["run_cfg=teacher_rlt_tiny", entry]))
+    entry = "reward_funcs=[{_target_: rlt.rewards.TeacherKLReward, kl_penalty_reward_coeff: [1.0]}]"
+    with pytest.raises(ConfigError, match=r"kl_penalty_reward_coeff has 1 entries but reduction_kl_fn"):
+        validate(compose(["run_cfg=teacher_rlt_tiny", entry]))
 
 
 @pytest.mark.vllm

@@ -310,7 +310,8 @@ def test_default_system_prompts_are_the_published_texts():
                               "providing detailed explanations with your full work")
     assert ("<|begin_of_solution|> {final formatted, precise, and clear solution} <|end_of_solution|>. In the "
             "Explanation section") in teacher
-    assert "<|begin_of_explanation|> {explanation with steps separated with '\\n\\n'} <|end_of_explanation|>" in teacher
+    assert ("<|begin_of_explanation|> {explanation with steps separated with '\\n\\n'} <|end_of_explanation|>"
+            in teacher)
     assert teacher.endswith("refining any errors, and revisiting previous steps. ")
     r1 = TeacherFormat.r1()
     assert "<think> {thought with steps" in r1.student_system_prompt and "<explanation> {explanation" in \

@@ -43,10 +43,10 @@ def setup(tiny_model_path):
     return tok, teacher, student, row
 
 
-# the teacher_rlt recipe's reward keys (the class defaults are the reference class's: see test_class_defaults)
+# the teacher_rlt recipe's reward keys, which are the schema's defaults (test_defaults_are_the_published_runs)
 RECIPE = dict(answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
               reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"], normalize_log_prob_fn=None,
-              normalize_kl_fn=None, clip_log_prob=1e5, clip_kl=1e5)
+              normalize_kl_fn=None, clip_log_prob=1e5, clip_kl=1e5, unbias_student_log_probs_temp=0.7)
 
 
 def make_reward(setup, **kw):
@@ -116,7 +116,7 @@ def transform(values, norm, clip_low=None, clip_high=None):
 
 
 def reference_terms(setup, body, *, a=(1.0, 0.01), b=(3.0, 0.03), red_lp=("mean", "min"), red_kl=("mean", "max"),
-                    tau_s=1.0, tau_t=1.0, schulman=False, norm_lp="none", norm_kl="none", clip_lp=1e5, clip_kl=1e5,
+                    tau_s=0.7, tau_t=1.0, schulman=False, norm_lp="none", norm_kl="none", clip_lp=1e5, clip_kl=1e5,
                     entropy=True):
     """(log-prob term, KL term) for the explanation `body` (the text between the padding and the closing tag).
 
@@ -173,7 +173,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_direct_computation(setup, name):
     cfg = CONFIGS[name]
-    reward = make_reward(setup, batch_size=3, **cfg["reward"])
+    reward = make_reward(setup, teacher_reward_batch_size=3, **cfg["reward"])
     rewards = call(reward, setup, [body + CLOSE for body in BODIES] + [BODIES[0]])  # the last one is not closed
     expected = [reference_reward(setup, body, **cfg["ref"]) for body in BODIES]
     expected.append(reference_reward(setup, BODIES[0], closed=False, **cfg["ref"]))
@@ -250,7 +250,7 @@ def test_matches_the_reference_procedure_on_decoded_text(setup):
     (re-tokenised text, subsequence search with trims) are the same tokens: rewards equal within float error, whether
     the reward gets the token ids or only the decoded text (docs/rlt.md: GPT-2-style tokenizers differ)."""
     tok, _, _, row = setup
-    reward = make_reward(setup, batch_size=2, temperature=0.7, unbias_student_log_probs_temp=0.7)
+    reward = make_reward(setup, teacher_reward_batch_size=2, temperature=0.7, unbias_student_log_probs_temp=0.7)
     n = len(NATURAL)
     kw = dict(prompts=[row["prompt"]] * n, question=[row["question"]] * n, solution=[row["solution"]] * n,
               teacher_format=[row["teacher_format"]] * n)
@@ -318,13 +318,13 @@ def test_malformed_completions_get_the_penalty(setup):
 
 def test_batched_equals_unbatched(setup):
     texts = [b + CLOSE for b in BODIES] + ["x" * 3 + " and more words to make it longer. " * 4 + CLOSE, "short"]
-    single = make_reward(setup, batch_size=1, temperature=0.7)
-    batched = make_reward(setup, batch_size=5, temperature=0.7)
+    single = make_reward(setup, teacher_reward_batch_size=1, temperature=0.7)
+    batched = make_reward(setup, teacher_reward_batch_size=5, temperature=0.7)
     r1, r2 = call(single, setup, texts), call(batched, setup, texts)
     assert max(abs(x - y) for x, y in zip(r1, r2, strict=True)) <= 1e-5
     for key, values in single.last_terms.items():
         for x, y in zip(values, batched.last_terms[key], strict=True):
-            assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-5, key
+            assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= 1e-5 * max(1.0, abs(x)), key  # sums: float32
 
 
 # ------------------------------------------------------------------------------------------------- coefficients
@@ -345,8 +345,10 @@ def test_scalar_and_list_coefficients(setup):
         make_reward(setup, answer_log_prob_coeff=[1.0, 2.0, 3.0])
     with pytest.raises(ConfigError, match="must be > 0"):
         make_reward(setup, answer_log_prob_coeff=-1.0)
-    with pytest.raises(ConfigError, match="unknown reduction"):
+    with pytest.raises(ConfigError, match="reduction_kl_fn='p90' is not one of"):
         make_reward(setup, reduction_kl_fn=["mean", "p90"])
+    with pytest.raises(ConfigError, match=r"kl_penalty_reward_coef: not a teacher reward key \(did you mean"):
+        make_reward(setup, kl_penalty_reward_coef=1.0)
     with pytest.raises(ConfigError, match="normalize_kl_fn"):
         make_reward(setup, normalize_kl_fn="softmax")
 
@@ -374,7 +376,7 @@ def test_zero_kl_coefficient_skips_the_teacher_forward(setup, coeff):
     counter = ForwardCounter(teacher, student)
     try:
         no_teacher = TeacherKLReward(student, tok, None, teacher_format=FMT,
-                                     **{**RECIPE, "kl_penalty_reward_coeff": coeff}, batch_size=2)
+                                     **{**RECIPE, "kl_penalty_reward_coeff": coeff}, teacher_reward_batch_size=2)
         rewards = call(no_teacher, setup, texts)
     finally:
         counter.remove()
@@ -390,12 +392,13 @@ def test_one_forward_per_batch_and_model(setup):
     texts = [b + CLOSE for b in BODIES]
     counter = ForwardCounter(teacher, student)
     try:
-        call(make_reward(setup, batch_size=4, share_prefixes=False), setup, texts)
+        call(make_reward(setup, teacher_reward_batch_size=4, share_prefixes=False), setup, texts)
         assert counter.count == [1, 1]
-        call(make_reward(setup, batch_size=4, include_teacher_think_entropy=False, share_prefixes=False), setup,
+        call(make_reward(setup, teacher_reward_batch_size=4, include_teacher_think_entropy=False,
+                         share_prefixes=False), setup,
              texts)
         assert counter.count == [1, 2]  # the no-entropy reward needs no teacher
-        call(make_reward(setup, batch_size=4), setup, texts)
+        call(make_reward(setup, teacher_reward_batch_size=4), setup, texts)
         assert counter.count == [3, 4]  # shared prefix: the prompt once, then the 4 suffixes on its cache
     finally:
         counter.remove()
@@ -417,24 +420,26 @@ def test_shared_prefixes_equal_whole_sequences(setup):
                      teacher_format=[r["teacher_format"] for r in rows])
         return out, reward.last_terms
 
-    whole, whole_terms = score(batch_size=1)
+    whole, whole_terms = score(teacher_reward_batch_size=1)
     counter = ForwardCounter(teacher, student)
     try:
-        score(batch_size=16)
+        score(teacher_reward_batch_size=16)
     finally:
         counter.remove()
     assert counter.count == [2, 2]  # both prompt groups in one micro-batch: the prefixes, then all suffixes
     chunked = ForwardCounter(teacher, student)
     try:  # at most 7 positions per forward: the 2-row prefix 3 at a time, suffix pieces of 4+ rows 1 at a time
-        score(batch_size=16, tokens_per_forward=7)
+        score(teacher_reward_batch_size=16, teacher_reward_tokens_per_forward=7)
     finally:
         chunked.remove()
     assert chunked.count[0] > 2 and chunked.count[1] > 2
-    for kw in (dict(batch_size=3), dict(batch_size=5), dict(batch_size=16), dict(batch_size=16, share_prefixes=False),
+    for kw in (dict(teacher_reward_batch_size=3), dict(teacher_reward_batch_size=5),
+               dict(teacher_reward_batch_size=16), dict(teacher_reward_batch_size=16, share_prefixes=False),
                # bounded forwards: prefixes, suffix pieces, whole sequences in position chunks on the KV cache
-               dict(batch_size=5, tokens_per_forward=7), dict(batch_size=2, tokens_per_forward=9),
-               dict(batch_size=4, share_prefixes=False, tokens_per_forward=10),
-               dict(batch_size=1, tokens_per_forward=3)):
+               dict(teacher_reward_batch_size=5, teacher_reward_tokens_per_forward=7),
+               dict(teacher_reward_batch_size=2, teacher_reward_tokens_per_forward=9),
+               dict(teacher_reward_batch_size=4, share_prefixes=False, teacher_reward_tokens_per_forward=10),
+               dict(teacher_reward_batch_size=1, teacher_reward_tokens_per_forward=3)):
         shared, terms = score(**kw)
         assert shared == pytest.approx(whole, abs=1e-5), kw
         for key in ("log_prob_term", "kl_term", "teacher_think_log_prob_mean", "student_think_log_prob_mean"):
@@ -442,8 +447,8 @@ def test_shared_prefixes_equal_whole_sequences(setup):
 
 
 def test_tokens_per_forward_bounds_every_scoring_forward(setup):
-    """With tokens_per_forward=10 and batches of up to 4 rows, no forward of either model gets more than 10
-    input positions (rows × positions), prefixes included, and the rewards equal the unbounded ones."""
+    """With teacher_reward_tokens_per_forward=10 and batches of up to 4 rows, no forward of either model gets more
+    than 10 input positions (rows × positions), prefixes included, and the rewards equal the unbounded ones."""
     tok, teacher, student, _ = setup
     texts = [b + CLOSE for b in BODIES] + [BODIES[1] * 3, BODIES[2] + CLOSE]
     sizes: list[int] = []
@@ -451,18 +456,19 @@ def test_tokens_per_forward_bounds_every_scoring_forward(setup):
              for m in (teacher, student)]
     try:
         for share in (True, False):
-            unbounded = call(make_reward(setup, batch_size=4, share_prefixes=share), setup, texts)
+            unbounded = call(make_reward(setup, teacher_reward_batch_size=4, share_prefixes=share), setup, texts)
             assert max(sizes) > 10
             sizes.clear()
-            bounded = call(make_reward(setup, batch_size=4, tokens_per_forward=10, share_prefixes=share), setup, texts)
+            bounded = call(make_reward(setup, teacher_reward_batch_size=4, teacher_reward_tokens_per_forward=10,
+                                       share_prefixes=share), setup, texts)
             assert sizes and max(sizes) <= 10, (share, sizes)
             sizes.clear()
             assert bounded == pytest.approx(unbounded, abs=1e-5)
     finally:
         for h in hooks:
             h.remove()
-    with pytest.raises(ConfigError, match="tokens_per_forward must be a positive integer"):
-        make_reward(setup, tokens_per_forward=0)
+    with pytest.raises(ConfigError, match="teacher_reward_tokens_per_forward=0 must be an integer >= 1"):
+        make_reward(setup, teacher_reward_tokens_per_forward=0)
 
 
 def test_missing_teacher_and_format_mismatch(setup):
@@ -500,7 +506,8 @@ def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
     given = _sampling_logprobs(setup, texts, 0.7)
     counter = ForwardCounter(teacher)
     try:
-        reward = make_reward(setup, temperature=0.7, batch_size=8, share_prefixes=False)  # 1 forward per call
+        # 1 forward per call
+        reward = make_reward(setup, temperature=0.7, teacher_reward_batch_size=8, share_prefixes=False)
         rewards = call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[0.7] * 4)
         assert counter.count == [1] and reward.last_reused_sampling_logprobs == 4  # the prompt's prefill only
         assert rewards == pytest.approx(expected, abs=2e-5)
@@ -512,7 +519,7 @@ def test_generator_sampling_logprobs_are_reused_row_by_row(setup):
 
         call(reward, setup, texts, sampling_logprobs=given, sampling_temperature=[1.0] * 4)  # not tau_T
         assert counter.count == [3] and reward.last_reused_sampling_logprobs == 0
-        off = make_reward(setup, temperature=0.7, reuse_sampling_logprobs=False, share_prefixes=False)
+        off = make_reward(setup, temperature=0.7, teacher_reuse_sampling_logprobs=False, share_prefixes=False)
         assert call(off, setup, texts, sampling_logprobs=given, sampling_temperature=0.7) == pytest.approx(
             expected, abs=2e-5)
         assert counter.count == [4] and off.last_reused_sampling_logprobs == 0
@@ -612,18 +619,29 @@ def test_reductions_by_hand():
     assert math.isnan(reduce_values(torch.empty(0), "max"))
 
 
-def test_class_defaults_are_the_reference_classes(setup):
-    """Unset keys take the reference class's defaults (a = b = 1, mean, exp / exp_norm, no clipping, tau 1), so
-    a call ported from the reference gives its numbers; a scalar log-prob coefficient <= 0 raises as there."""
+def test_defaults_are_the_published_runs(setup):
+    """Unset keys take the schema's defaults (`rlt.config.TeacherRewardSection`), the published teacher_rlt run's
+    values; the reference class's own defaults (a = b = 1, mean, exp / exp_norm, no clipping, tau_S 1), which no
+    published run used, give its numbers when set. A scalar log-prob coefficient <= 0 raises, as there."""
+    from rlt.config import TeacherRewardSection
+
     tok, teacher, student, _ = setup
-    reward = TeacherKLReward(student, tok, teacher, teacher_format=FMT)
+    assert {k: getattr(TeacherRewardSection(), k) for k in RECIPE} == RECIPE
+    texts = [b + CLOSE for b in BODIES]
+    published = TeacherKLReward(student, tok, teacher, teacher_format=FMT, temperature=0.7)
+    expected = [reference_reward(setup, b, tau_s=0.7, tau_t=0.7) for b in BODIES]
+    assert call(published, setup, texts) == pytest.approx(expected, abs=2e-5)
+    reference_class = TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=1.0,
+                                      kl_penalty_reward_coeff=1.0, reduction_log_prob_fn="mean",
+                                      reduction_kl_fn="mean", normalize_log_prob_fn="exp", normalize_kl_fn="exp_norm",
+                                      clip_log_prob=None, clip_kl=None, unbias_student_log_probs_temp=None)
     expected = [reference_reward(setup, b, a=(1.0,), b=(1.0,), red_lp=("mean",), red_kl=("mean",), norm_lp="exp",
-                                 norm_kl="exp_norm", clip_lp=None, clip_kl=None) for b in BODIES]
-    assert call(reward, setup, [b + CLOSE for b in BODIES]) == pytest.approx(expected, abs=2e-5)
+                                 norm_kl="exp_norm", clip_lp=None, clip_kl=None, tau_s=1.0) for b in BODIES]
+    assert call(reference_class, setup, texts) == pytest.approx(expected, abs=2e-5)
     for bad in (0, 0.0, -1.0):
-        with pytest.raises(ConfigError, match="answer_log_prob_coeff must be > 0"):
+        with pytest.raises(ConfigError, match="answer_log_prob_coeff=.* must be > 0 as a scalar"):
             TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=bad)
-    TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=[0.0])  # a deliberate off
+    TeacherKLReward(student, tok, teacher, teacher_format=FMT, answer_log_prob_coeff=[0.0, 0.0])  # a deliberate off
 
 
 def test_length_buckets_by_hand():
@@ -652,7 +670,8 @@ def test_docstring_examples_of_the_pure_functions_hold():
     import doctest
     import importlib
 
-    for name in ("rlt.rewards.teacher_math", "rlt.config", "rlt.models"):
+    for name in ("rlt.rewards.teacher_math", "rlt.config.checks", "rlt.config.grpo", "rlt.config.rlt", "rlt.models",
+                 "rlt.generation.sampling", "rlt.cli"):
         result = doctest.testmod(importlib.import_module(name))
         assert result.failed == 0 and result.attempted > 0, (name, result)
 
@@ -668,7 +687,7 @@ def test_zero3_ranks_run_as_many_forwards(setup, monkeypatch):
         param.ds_id = 0
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.add_(2))
-    reward = make_reward(setup, teacher_model=teacher, batch_size=4)
+    reward = make_reward(setup, teacher_model=teacher, teacher_reward_batch_size=4)
     counter = ForwardCounter(teacher, student)
     try:
         rewards = call(reward, setup, [b + CLOSE for b in BODIES])
@@ -677,5 +696,6 @@ def test_zero3_ranks_run_as_many_forwards(setup, monkeypatch):
         assert counter.count[0] == 4 + 0 + 2
     finally:
         counter.remove()
-    assert rewards == pytest.approx(call(make_reward(setup, batch_size=4), setup, [b + CLOSE for b in BODIES]),
+    assert rewards == pytest.approx(call(make_reward(setup, teacher_reward_batch_size=4), setup,
+                                         [b + CLOSE for b in BODIES]),
                                     abs=1e-6)

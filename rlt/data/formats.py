@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from rlt.config import COMPLETION_STYLES
 from rlt.errors import DataError
 
 # Per data_format: logical field name -> column name in the dataset (users override it with `data_columns`).
@@ -31,7 +32,6 @@ OPTIONAL_FIELDS: dict[str, frozenset[str]] = {
     "dolly": frozenset({"context"}),
 }
 
-COMPLETION_STYLES = ("gsm8k", "reasoning_answer_tags")
 
 # A system prompt that asks for exactly the format `render_gsm8k_completion(..., "reasoning_answer_tags")` produces.
 REASONING_SYSTEM_PROMPT = (
@@ -60,8 +60,8 @@ _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 def gsm8k_final_answer(answer: str) -> str | None:
     """The final answer of a GSM8K solution: the text after the last ``####``, stripped, thousands separators removed.
 
-    ``"... #### 1,234"`` -> ``"1234"``; ``"#### -5"`` -> ``"-5"``; ``"#### 3/4"`` -> ``"3/4"``. Returns ``None`` when the
-    text has no ``####`` or nothing follows it.
+    ``"... #### 1,234"`` -> ``"1234"``; ``"#### -5"`` -> ``"-5"``; ``"#### 3/4"`` -> ``"3/4"``. Returns ``None`` when
+    the text has no ``####`` or nothing follows it.
     """
     if not isinstance(answer, str) or "####" not in answer:
         return None
@@ -90,13 +90,15 @@ def render_gsm8k_completion(answer: str, style: str) -> str:
     if style == "reasoning_answer_tags":
         final = gsm8k_final_answer(answer)
         if final is None:
-            raise DataError(f"GSM8K answer has no final '#### <number>' line, cannot render it as tags: {answer[:200]!r}")
+            raise DataError("GSM8K answer has no final '#### <number>' line, cannot render it as tags: "
+                            f"{answer[:200]!r}")
         return f"<reasoning>\n{gsm8k_reasoning(answer)}\n</reasoning>\n<answer>\n{final}\n</answer>"
     raise DataError(f"unknown completion_style {style!r}; expected one of {list(COMPLETION_STYLES)}")
 
 
 def gsm8k_prompt(question: str, system_prompt: str | None) -> list[dict]:
-    """The chat prompt for a GSM8K question, shared by SFT, GRPO and evaluation: optional system message + the question."""
+    """The chat prompt for a GSM8K question, shared by SFT, GRPO and evaluation: optional system message + the
+    question."""
     prompt: list[dict] = []
     if system_prompt:
         prompt.append({"role": "system", "content": system_prompt})
@@ -135,7 +137,8 @@ def _single_turn(user: str, assistant: str, system_prompt: str | None) -> dict:
 
 
 def _normalise_turns(turns: Any) -> list[dict] | None:
-    """``[{from, value}]`` or ``[{role, content}]`` -> ``[{role, content}]`` with chat-template roles; None if malformed."""
+    """``[{from, value}]`` or ``[{role, content}]`` -> ``[{role, content}]`` with chat-template roles; None if
+    malformed."""
     if not isinstance(turns, list | tuple) or not turns:
         return None
     out = []

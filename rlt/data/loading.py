@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, Features, List, Value
 
+from rlt.config import TEXT_SAMPLE_BY
 from rlt.data.formats import (
     COMPLETION_STYLES,
     DEFAULT_COLUMNS,
@@ -32,11 +33,11 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SOURCES = ("arithmetic",)
-SYNTHETIC_DEFAULTS: dict[str, Any] = {"num_train": 1000, "num_eval": 100, "max_operand": 20, "max_terms": 2, "ops": "+-"}
+SYNTHETIC_DEFAULTS: dict[str, Any] = {"num_train": 1000, "num_eval": 100, "max_operand": 20, "max_terms": 2,
+                                      "ops": "+-"}
 
 # file extension -> `datasets` packaged builder
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 # split name -> file-name stem prefixes (lower case) that select it inside a directory
 SPLIT_PREFIXES = {
@@ -89,7 +90,8 @@ def _load_files(files: list[Path], split: str, text_sample_by: str) -> Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files={split: names}, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 - anything the builder raises is a problem with the file
-        raise DataError(f"could not read {builder} file(s) {names} for split '{split}': {type(e).__name__}: {e}") from e
+        raise DataError(f"could not read {builder} file(s) {names} for split '{split}': "
+                        f"{type(e).__name__}: {e}") from e
     if len(ds) == 0:
         raise DataError(f"split '{split}' loaded from {names} has 0 rows")
     return ds
@@ -99,7 +101,8 @@ def _load_directory(root: Path, text_sample_by: str) -> DatasetDict:
     if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
         loaded = datasets.load_from_disk(str(root))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS and not _is_hidden(p, root))
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in BUILDERS and not _is_hidden(p, root))
     structured = [p for p in files if p.suffix.lower() != ".txt"]
     texts = [p for p in files if p.suffix.lower() == ".txt"]
     if not files:
@@ -157,12 +160,14 @@ def _load_hub(source: str, subset: str | None = None) -> DatasetDict:
     try:
         loaded = datasets.load_dataset(source, subset)
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo, bad script: all reported the same way
-        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         raise DataError(
             f"could not load dataset '{source}': it is not a local file or directory, and loading it as a "
             f"Hugging Face Hub id failed ({type(e).__name__}: {str(e)[:300]}). "
             "This machine may be offline"
-            f"{' (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, so the Hub is not even contacted)' if offline else ''}. "
+            f"{' (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, so the Hub is not even contacted)' if offline else ''}"
+            ". "
             "A local path also works: a .jsonl/.json/.parquet/.csv/.txt file, a directory with train*/test* files, "
             "a glob such as 'corpus/*.txt', or 'synthetic:arithmetic'."
         ) from e
@@ -190,8 +195,8 @@ def load_raw(
     - a ``.jsonl``/``.json``/``.parquet``/``.csv``/``.txt`` file, or a glob such as ``corpus/*.txt`` (one file type):
       loaded as split `split` (default ``"train"``).
     - a directory: files (recursively, ignoring hidden ones) grouped into splits by name: ``train*``, ``test*``,
-      ``validation*|valid*|dev*|eval*``; other names are an error. A directory of only ``.txt`` files is a corpus: every
-      file goes to ``train`` unless its name selects a split. A ``save_to_disk`` directory is loaded with
+      ``validation*|valid*|dev*|eval*``; other names are an error. A directory of only ``.txt`` files is a corpus:
+      every file goes to ``train`` unless its name selects a split. A ``save_to_disk`` directory is loaded with
       `datasets.load_from_disk`.
     - anything else: a Hub id for `datasets.load_dataset`, with config name `subset` (fails with a DataError when
       offline).
@@ -223,7 +228,8 @@ def load_raw(
         path = Path(source).expanduser()
         if path.is_file():
             if path.suffix.lower() not in BUILDERS:
-                raise DataError(f"unsupported data file type '{path.suffix}' for '{path}'; supported: {sorted(BUILDERS)}")
+                raise DataError(f"unsupported data file type '{path.suffix}' for '{path}'; "
+                                f"supported: {sorted(BUILDERS)}")
             return DatasetDict({single_split: _load_files([path], single_split, text_sample_by)})
         if path.is_dir():
             result = _load_directory(path, text_sample_by)
@@ -269,7 +275,8 @@ def _check_columns(ds: Dataset, source: str, split: str, data_format: str, colum
         if column in present:
             continue
         if name in OPTIONAL_FIELDS.get(data_format, ()) and name not in explicit:
-            logger.info("Dataset '%s' split '%s' has no column '%s'; treating %s as empty", source, split, column, name)
+            logger.info("Dataset '%s' split '%s' has no column '%s'; treating %s as empty",
+                        source, split, column, name)
             del used[name]
             continue
         raise DataError(f"dataset '{source}' split '{split}' has no column '{column}' (data_columns.{name}); "
@@ -458,6 +465,7 @@ def gsm8k_prompt_dataset(
 ) -> Dataset:
     """`prepare_gsm8k_eval` as a `datasets.Dataset` with columns ``prompt``, ``answer``, ``question`` (for GRPO:
     TRL passes the extra columns to reward functions as keyword arguments)."""
-    items = prepare_gsm8k_eval(dataset_id_or_path=dataset_id_or_path, dataset_subset=dataset_subset, split=split, data_columns=data_columns,
-                               system_prompt=system_prompt, max_samples=max_samples, synthetic=synthetic, seed=seed)
+    items = prepare_gsm8k_eval(dataset_id_or_path=dataset_id_or_path, dataset_subset=dataset_subset, split=split,
+                               data_columns=data_columns, system_prompt=system_prompt, max_samples=max_samples,
+                               synthetic=synthetic, seed=seed)
     return Dataset.from_list(items)

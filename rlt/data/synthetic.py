@@ -137,6 +137,7 @@ def arithmetic_problems(
 
 
 def split_arithmetic(num_train: int, num_eval: int, seed: int = 0, **kw) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / eval lists of synthetic problems (no question appears in both); `kw` as `arithmetic_problems`."""
+    """Disjoint train / eval lists of synthetic problems (no question appears in both); `kw` as
+    `arithmetic_problems`."""
     rows = arithmetic_problems(num_train + num_eval, seed=seed, **kw)
     return rows[:num_train], rows[num_train:]

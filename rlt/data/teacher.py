@@ -1,32 +1,7 @@
 """RLT data: the teacher's SFT warm-up rows, the teacher's RL prompts, and the student chat the reward scores.
 
-Layout (default "stratos" tags; every tag, separator and system prompt is configurable in `TeacherFormat`)::
-
-    teacher chat  system: teacher prompt | user: question | assistant:
-                  <|begin_of_solution|>{pad}solution{pad}<|end_of_solution|>{delim}<|begin_of_explanation|>{pad}
-                  explanation{pad}<|end_of_explanation|>
-    student chat  system: student prompt | user: question | assistant:
-                  {think_prefix}<|begin_of_thought|>{explanation text}<|end_of_thought|>{delim}
-                  <|begin_of_solution|>{pad}solution{pad}<|end_of_solution|>
-
-where ``{pad}`` is `TeacherFormat.delimiters_padding` (``"\\n\\n"``) and ``{delim}`` is
-`TeacherFormat.think_solution_delimiter` (``"\\n\\n"``). Every content (solution, explanation) is stripped and then
-padded on both sides, whatever the source (custom, GSM8K or Stratos rows), so the SFT/RL split point
-``<|begin_of_explanation|>{pad}`` always exists (the reference's custom parser added no padding, so its split failed).
-
-* SFT warm-up (`teacher_sft_example`): a non-conversational prompt/completion pair of strings. ``prompt`` is the
-  rendered chat up to and including ``<|begin_of_explanation|>{pad}``; ``completion`` is the rest: explanation body,
-  padding, closing tag and the end-of-turn token. TRL's SFTTrainer with ``completion_only_loss`` then trains exactly
-  that span (system prompt, question and solution are masked). The completion stops right after the tokenizer's eos
-  token (the chat template's trailing newline is dropped) so TRL does not append a second eos.
-* RL (`teacher_rl_prompt`): ``prompt`` is the same prefix (the teacher continues with the explanation), plus the
-  columns the reward needs to rebuild the student chat: ``question``, ``solution`` (content without tags or padding)
-  and ``teacher_format`` (a fingerprint of the format, checked by the reward).
-
-Rows are rejected (never raised on) when the question or solution is empty, when the explanation trace is empty
-(SFT only), when a content (question, solution, trace) contains an explanation or solution tag -- the split point
-would then occur more than once and the reward's tag search would be ambiguous --, when the SFT prompt/completion
-token boundary is not clean, or when a length limit is exceeded. `prepare_teacher_datasets` logs the counts per reason and raises `DataError` if nothing is left.
+Every tag, separator and system prompt is a `TeacherFormat` field; the chat layouts, the padding rule and why rows
+are dropped (counted, never raised on) are in docs/rlt.md "Data". `prepare_teacher_datasets` is the entry point.
 """
 
 from __future__ import annotations
@@ -43,12 +18,12 @@ from typing import Any
 
 from datasets import Dataset
 
+from rlt.config import TEACHER_DATA_FORMATS
 from rlt.data.formats import gsm8k_final_answer, gsm8k_reasoning
 from rlt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-DATA_FORMATS = ("auto", "custom", "gsm8k", "stratos")
 MODES = ("sft", "rl")
 
 # Per data format: logical field -> default column name (override with `columns`).
@@ -195,7 +170,8 @@ def get_teacher_format(fmt: TeacherFormat | str | Mapping[str, Any] | None = Non
         fields = {str(k): v for k, v in dict(fmt).items()}
         style = fields.pop("style", fields.get("name", "stratos"))
     else:
-        raise ConfigError(f"teacher format must be a TeacherFormat, a style name or a mapping, got {type(fmt).__name__}")
+        raise ConfigError("teacher format must be a TeacherFormat, a style name or a mapping, "
+                          f"got {type(fmt).__name__}")
     if style not in TEACHER_FORMATS:
         raise ConfigError(f"unknown teacher format style {style!r}; expected one of {sorted(TEACHER_FORMATS)}")
     fields.update(overrides)
@@ -258,7 +234,7 @@ def parse_teacher_row(row: Mapping[str, Any], data_format: str, fmt: TeacherForm
       solution tags).
     """
     if data_format not in TEACHER_COLUMNS:
-        raise DataError(f"unknown teacher data format {data_format!r}; expected one of {list(DATA_FORMATS)}")
+        raise DataError(f"unknown teacher data format {data_format!r}; expected one of {list(TEACHER_DATA_FORMATS)}")
     cols = {**TEACHER_COLUMNS[data_format], **dict(columns or {})}
 
     def get(name: str) -> Any:
@@ -462,7 +438,8 @@ def build_teacher_rows(rows: Iterable[Mapping[str, Any]], *, mode: str, fmt: Tea
             if not sft_boundary_is_clean(example, tokenizer):
                 rejected[REJECT_BOUNDARY] += 1
                 continue
-            if max_length is not None and len(tokenizer(text=example["prompt"] + example["completion"])["input_ids"]) > max_length:
+            if (max_length is not None
+                    and len(tokenizer(text=example["prompt"] + example["completion"])["input_ids"]) > max_length):
                 rejected[REJECT_TOO_LONG] += 1
                 continue
         elif max_prompt_tokens is not None and len(tokenizer(text=example["prompt"])["input_ids"]) > max_prompt_tokens:
@@ -532,8 +509,8 @@ def prepare_teacher_datasets(
 
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if data_format not in DATA_FORMATS:
-        raise DataError(f"unknown teacher data format {data_format!r}; expected one of {list(DATA_FORMATS)}")
+    if data_format not in TEACHER_DATA_FORMATS:
+        raise DataError(f"unknown teacher data format {data_format!r}; expected one of {list(TEACHER_DATA_FORMATS)}")
     fmt = get_teacher_format(fmt)
     source = str(source)
     raw = load_raw(source, synthetic=synthetic, seed=seed, subset=subset)

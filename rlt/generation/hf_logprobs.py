@@ -1,8 +1,8 @@
 """Sampling log-probs from HF ``generate``: what vLLM returns as processed log-probs, recorded while sampling.
 
-Used by the GRPO trainer (`rlt.trainers`, rewards that declare ``uses_sampling_logprobs``) and by distillation
-(`rlt.evaluate.generate_hf_ids` with ``return_logprobs``), so that the RLT teacher reward can skip its teacher
-forward with either generator. Imports torch and transformers only (no TRL, no vLLM).
+Used by the GRPO trainer (`rlt.trainers`, rewards that declare ``uses_sampling_logprobs``; docs/grpo.md, addition 2)
+and by distillation (`rlt.generation.sampling.generate_hf_ids` with ``return_logprobs``), so that the RLT teacher
+reward can skip its teacher forward with either generator. Imports torch and transformers only (no TRL, no vLLM).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from rlt.trl_patches import swapped
 
 
 class SamplingLogprobRecorder(LogitsProcessor):
@@ -64,8 +66,6 @@ class SamplingLogprobRecorder(LogitsProcessor):
             self.sequences = out if isinstance(out, torch.Tensor) else None
             return out
 
-        model.generate = recording_generate  # an instance attribute: shadows the method for this model only
-        try:
+        # an instance attribute: shadows the method for this model only, deleted again after the block
+        with swapped(model, "generate", recording_generate):
             yield self
-        finally:
-            del model.generate

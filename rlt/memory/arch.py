@@ -90,7 +90,7 @@ def largest_layer_params(arch: ModelArch) -> int:
     return max([arch.vocab_size * arch.hidden_size, *shapes])
 
 
-def _target_modules(arch: ModelArch, target_modules: tuple[str, ...] | list[str]) -> dict[str, set[str]]:
+def lora_targets(arch: ModelArch, target_modules: tuple[str, ...] | list[str]) -> dict[str, set[str]]:
     """Which linear modules of an attention / conv block LoRA wraps (peft's `all-linear` = all but the LM head)."""
     out: dict[str, set[str]] = {}
     for kind in ("attention", "conv"):
@@ -117,7 +117,7 @@ def lora_param_count(arch: ModelArch, r: int, target_modules: tuple[str, ...] | 
     Example, Qwen2.5-7B, r=16, all-linear: per layer 16·[(3584+3584)·2 + (3584+512)·2 + (3584+18944)·3]
     = 16·(14336 + 8192 + 67584) = 1,441,792; × 28 layers = 40,370,176 (0.53% of 7.6B).
     """
-    targets = _target_modules(arch, target_modules)
+    targets = lora_targets(arch, target_modules)
     n_attn = arch.n_attention_layers
     total = 0
     for kind, layers in (("attention", n_attn), ("conv", arch.num_layers - n_attn)):
@@ -185,7 +185,8 @@ def arch_from_hf_config(cfg: dict, name: str = "model") -> ModelArch:
         h, layers, heads = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
         inter, vocab = int(cfg["intermediate_size"]), int(cfg["vocab_size"])
     except KeyError as e:
-        raise ValueError(f"config.json of {name} has no {e.args[0]!r} (not a decoder-only transformer config?)") from None
+        raise ValueError(f"config.json of {name} has no {e.args[0]!r} "
+                         "(not a decoder-only transformer config?)") from None
     kv = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or h // heads)
     attention_layers, conv_kernel = None, 0

@@ -281,7 +281,8 @@ def _activation_components(plan: MemoryPlan) -> list[Component]:
         how = f"{logit_tokens:,} tokens × {arch.vocab_size:,} vocab × {(2 if autocast else a) + 12} B"
     gc = "gradient checkpointing" if plan.gradient_checkpointing else "no gradient checkpointing"
     return [
-        Component("activations", acts, f"micro-batch {plan.micro_batch} × {plan.seq_len} tokens, {gc}{recompute_note}, "
+        Component("activations", acts, f"micro-batch {plan.micro_batch} × {plan.seq_len} tokens, "
+                                       f"{gc}{recompute_note}, "
                                        f"{'bf16 autocast' if autocast else f'{a}-byte'} activations"),
         Component("logits / log-softmax", logits, how),
     ]
@@ -347,8 +348,9 @@ def estimate(plan: MemoryPlan) -> Estimate:
     acts = _activation_components(plan)
     no_acts = [Component("activations", 0, ""), Component("logits / log-softmax", 0, "")]
     phases["forward/backward"] = [weights, fb_grads, master, optim, *acts, *extra, *asleep, overhead]
-    phases["optimizer step"] = [weights, grads, master, dataclasses.replace(optim, bytes=optim.bytes + temp, note=optim.note
-                                + (f" + {_fmt(temp)} foreach temporaries" if temp else "")),
+    phases["optimizer step"] = [weights, grads, master,
+                                dataclasses.replace(optim, bytes=optim.bytes + temp, note=optim.note
+                                                    + (f" + {_fmt(temp)} foreach temporaries" if temp else "")),
                                 *no_acts, *extra, *asleep, overhead]
     if plan.is_rl:
         if plan.vllm_mode in ("colocate", "server"):
@@ -406,7 +408,8 @@ def _scoring(plan: MemoryPlan, extra: list[Component]) -> list[Component]:
             Component("logits / log-softmax", buffers, note), *frozen]
 
 
-def _vllm(plan: MemoryPlan, utilization: float, gpu_memory: int) -> tuple[list[Component], dict[str, int], list[Check]]:
+def _vllm(plan: MemoryPlan, utilization: float,
+          gpu_memory: int) -> tuple[list[Component], dict[str, int], list[Check]]:
     arch = plan.policy
     w_dtype_bytes = 4 if plan.weight_dtype == "float32" else 2
     weights = param_count(arch) * w_dtype_bytes
@@ -465,7 +468,8 @@ def _vllm(plan: MemoryPlan, utilization: float, gpu_memory: int) -> tuple[list[C
 
 
 def batch_geometry_checks(plan: MemoryPlan) -> list[Check]:
-    """Batch geometry of the plan (spec §3.1): GA integral, aggregation divides GA, round is a multiple of the group."""
+    """Batch geometry of the plan (spec §3.1): GA integral, aggregation divides GA, round is a multiple of the
+    group."""
     checks: list[Check] = []
     world = plan.num_gpus
     if plan.train_batch_size is not None:
@@ -538,7 +542,8 @@ def candidate_changes(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
             student_on_gpu = plan.student is not None and not plan.student_offload
             if (ref_offloadable and not plan.reference_offload) or student_on_gpu:
                 out.append(("offload_untrained_models=true",
-                            rep(plan, reference_offload=plan.reference_offload or ref_offloadable, student_offload=True)))
+                            rep(plan, reference_offload=plan.reference_offload or ref_offloadable,
+                                student_offload=True)))
             out.append(("beta=0", rep(plan, reference_model=False)))
         elif plan.student is not None and not plan.student_offload:
             out.append(("offload_untrained_models=true", rep(plan, student_offload=True)))
@@ -551,7 +556,8 @@ def candidate_changes(plan: MemoryPlan) -> list[tuple[str, MemoryPlan]]:
             if not plan.vllm_sleep:
                 out.append(("vllm_enable_sleep_mode=true", rep(plan, vllm_sleep=True)))
             util = minimal_vllm_utilization(plan)
-            if util is not None and util < plan.vllm_gpu_memory_utilization - 1e-9 and plan.vllm_kv_cache_bytes is None:
+            if (util is not None and util < plan.vllm_gpu_memory_utilization - 1e-9
+                    and plan.vllm_kv_cache_bytes is None):
                 out.append((f"vllm_gpu_memory_utilization={util:.2f}", rep(plan, vllm_gpu_memory_utilization=util)))
     return out
 

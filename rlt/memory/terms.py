@@ -8,8 +8,8 @@ import math
 
 from rlt.memory.arch import (
     ModelArch,
-    _target_modules,
     largest_layer_params,
+    lora_targets,
     param_count,
 )
 from rlt.memory.units import DTYPE_BYTES, GB
@@ -132,8 +132,8 @@ def deepspeed_model_state_bytes(total_params: int, largest_layer: int, *, stage:
 
 
 def deepspeed_cpu_bytes(total_params: int, largest_layer: int, *, stage: int, num_gpus: int,
-                        offload_optimizer: bool = False, offload_params: bool = False, gpus_per_node: int | None = None,
-                        zero_init: bool = True, buffer_factor: float = 1.5) -> int:
+                        offload_optimizer: bool = False, offload_params: bool = False,
+                        gpus_per_node: int | None = None, zero_init: bool = True, buffer_factor: float = 1.5) -> int:
     """Host RAM per node for model states, as DeepSpeed's estimators compute it (×1.5 buffer factor).
 
     ZeRO-2: offload P·max(4G, 16)·1.5, else P·4·gpn·1.5. ZeRO-3 (zero_init): params+optimizer offload 18P/N·1.5,
@@ -194,15 +194,15 @@ def lora_activation_bytes_per_token(arch: ModelArch, act_bytes: int, target_modu
     Frozen base linears do not save their input; each adapter's A saves what it reads, and B saves A's output
     (adapter_bytes·r). peft keeps adapters in fp32 (`autocast_adapter_dtype`), so on a 16-bit base each wrapped
     linear casts its input: one fp32 copy per wrapped module (4·in). With lora_dropout > 0 each wrapped module
-    keeps its dropout output (4·in) and mask: a bool (1·in) on CUDA, a float noise tensor (4·in) on CPU. On an fp32 base without dropout the adapters share the base input
-    (already counted), so only the r-sized outputs are added.
+    keeps its dropout output (4·in) and mask: a bool (1·in) on CUDA, a float noise tensor (4·in) on CPU. On an fp32
+    base without dropout the adapters share the base input (already counted), so only the r-sized outputs are added.
     Base inputs no longer saved (16-bit base or dropout): −a·h for the attention input and the MLP input, −a·i for
     the down_proj input; the layer-0 input saves nothing (the frozen embedding has no grad), ignored here.
     Example, SmolLM2-135M fp32 (h 576, q 576, kv 192, i 1536), r 16, all-linear, dropout 0.05:
     per layer (4+4)·(6·576 + 1536) − 4·(576 + 576 + 1536) + 4·16·7 = 39,936 − 10,752 + 448 = 29,632 B/token
     with CPU masks (mask_bytes=4); (4+1)·4992 − 10,752 + 448 = 14,656 B/token with CUDA's bool masks.
     """
-    targets = _target_modules(arch, target_modules)["attention"]
+    targets = lora_targets(arch, target_modules)["attention"]
     if not targets:
         return 0
     shapes = arch.linear_shapes("attention")
@@ -243,7 +243,8 @@ def activation_bytes(arch: ModelArch, *, micro_batch: int, seq_len: int, act_byt
     stream = 4 if autocast_fp32_weights else act_bytes
     final_norm = (4 + 2 * stream) * arch.hidden_size
     if gradient_checkpointing:
-        return tokens * (arch.num_layers * stream * arch.hidden_size + final_norm) + (tokens * layer if recompute else 0)
+        return (tokens * (arch.num_layers * stream * arch.hidden_size + final_norm)
+                + (tokens * layer if recompute else 0))
     return tokens * (arch.num_layers * layer + final_norm)
 
 
@@ -316,7 +317,8 @@ def vllm_reservation_bytes(utilization: float, gpu_memory: int) -> int:
     return math.ceil(utilization * gpu_memory)
 
 
-def vllm_activation_profile_bytes(arch: ModelArch, dtype_bytes: int = 2, max_batched_tokens: int = VLLM_MAX_BATCHED_TOKENS,
+def vllm_activation_profile_bytes(arch: ModelArch, dtype_bytes: int = 2,
+                                  max_batched_tokens: int = VLLM_MAX_BATCHED_TOKENS,
                                   max_num_seqs: int = VLLM_MAX_NUM_SEQS) -> int:
     """vLLM's profiling forward peak (approximation): a no-grad forward of `max_num_batched_tokens` tokens keeps
     one layer's widest tensors (qkv, 2 × MLP intermediate, 2 × hidden) plus fp32 logits and sampler probabilities

@@ -51,10 +51,10 @@ def check_vocabulary_fits_engine(run, tokenizer, backend: str) -> None:
                                         trust_remote_code=run.trust_remote_code)
     vocab_size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
-        raise ConfigError(f"pad_token={tokenizer.pad_token!r} is a new token: the tokenizer has {len(tokenizer)} tokens "
-                          f"but {run.model_name_or_path} has vocab_size={vocab_size}, and generation_backend={backend} "
-                          "loads the model with its own vocabulary. Set pad_token to a token the vocabulary already "
-                          "has (or null to pick one), or use generation_backend=hf")
+        raise ConfigError(f"pad_token={tokenizer.pad_token!r} is a new token: the tokenizer has {len(tokenizer)} "
+                          f"tokens but {run.model_name_or_path} has vocab_size={vocab_size}, and "
+                          f"generation_backend={backend} loads the model with its own vocabulary. Set pad_token to a "
+                          "token the vocabulary already has (or null to pick one), or use generation_backend=hf")
 
 
 def model_for(run, tokenizer, name_or_path: str | None = None):

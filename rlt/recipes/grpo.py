@@ -38,7 +38,7 @@ def train(run: GRPORunConfig) -> dict:
     if run.eval_steps and run.eval_split:
         eval_ds = drop_long_prompts(_prompts(run, run.eval_split, run.max_eval_samples), tokenizer,
                                     run.max_prompt_length, "eval")
-    reward_funcs = build_reward_funcs(run.reward_funcs, penalty=run.nonfinite_reward_penalty)
+    reward_funcs = build_reward_funcs(run)
     return fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs)
 
 
@@ -121,7 +121,8 @@ def generation_backend(run: GRPORunConfig):
     also runs (and syncs weights) on CPU; for vllm_server our client to `rlt.generation.vllm_server` servers (several,
     weight sync without NCCL, per-prompt sampling seeds, a clear error when a server dies)."""
     if run.generation_backend == "vllm_server":
-        from rlt.generation.vllm_server import server_urls, use_vllm_servers
+        from rlt.generation.server_patch import use_vllm_servers
+        from rlt.generation.vllm_client import server_urls
 
         with use_vllm_servers(server_urls(run.vllm_server_urls, run.vllm_server_host, run.vllm_server_port),
                               request_timeout=run.vllm_server_request_timeout, seed=run.seed,

@@ -47,12 +47,7 @@ def train(run: RLTRunConfig) -> dict:
     # ---- student and rewards
     share_reference = run.student_model is None and run.beta > 0 and not run.use_peft
     student = None if share_reference else common.model_for(run, tokenizer, run.student_model)
-    reward_funcs = build_reward_funcs(
-        run.reward_funcs, penalty=run.nonfinite_reward_penalty, student_model=student, tokenizer=tokenizer,
-        teacher_format=run.teacher_format, temperature=run.temperature, batch_size=run.teacher_reward_batch_size,
-        tokens_per_forward=run.teacher_reward_tokens_per_forward, offload_untrained_models=run.offload_untrained_models,
-        # the generator's log-probs are the policy's: no stand-in for a reference-model teacher
-        reuse_sampling_logprobs=run.teacher_reuse_sampling_logprobs and not run.use_reference_teacher_model)
+    reward_funcs = build_reward_funcs(run, student_model=student, tokenizer=tokenizer)
     teacher_rewards = [f.fn for f in reward_funcs if isinstance(f.fn, TeacherKLReward)]
     recorder = CompletionRecorder(out, tokenizer, get_teacher_format(run.teacher_format),
                                   run.save_completions_probability, run.logging_prob, seed=run.seed)

@@ -206,9 +206,9 @@ class TokenScorer:
             out[i] = torch.cat(parts[r])
 
     def _shared_prefix_batch(self, model, seqs, starts, step: _Shared, temperature, device, keep_ok, out) -> None:
-        """Score the `step`'s groups (lists of sequence indices; all sequences of a group share ``seq[:start]``): one forward
-        of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then the
-        suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
+        """Score the `step`'s groups (lists of sequence indices; all sequences of a group share ``seq[:start]``): one
+        forward of the prefixes (left-padded, one row per group, cache kept, logits of the last position only), then
+        the suffixes (right-padded) on their groups' cached prefixes, up to `batch_size` at a time, in buckets of
         similar lengths (`length_buckets`) so that a short suffix is not padded to the longest one, each piece in
         the forwards of its position chunks. A group larger than `batch_size` (64 generations, batch 8)
         runs its prefix once. The first suffix token is scored by the prefix's last logits, suffix position t by

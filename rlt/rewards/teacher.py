@@ -1,58 +1,8 @@
-"""The RLT teacher reward: how well a frozen student understands the solution after reading the teacher's explanation,
-minus how far the explanation is from what the student would have thought itself.
+"""The RLT teacher reward, `TeacherKLReward`: how well a frozen student reproduces the solution after reading the
+teacher's explanation, minus how far the explanation is from what the student would have thought itself.
 
-For each teacher completion (the explanation the teacher wrote after ``explanation_open + padding``):
-
-1. Spans come from the **sampled token ids**, not from re-tokenised text. The explanation body is every completion
-   token that lies wholly before the first ``explanation_close`` (trailing special tokens such as eos are dropped
-   first). A token that straddles the closing tag (e.g. ``".<|"``) is not in the body; its text before the tag is
-   kept as "leftover" text and re-tokenised on the student side. No closing tag: the whole completion is the body and
-   the explanation is closed for scoring.
-2. Student sequence = tokens(student chat up to ``think_open + padding``) + body ids + tokens(leftover +
-   ``think_close`` + delimiter + solution block + end of turn), i.e. `rlt.data.teacher.student_chat` of the
-   explanation text ``padding + body + leftover``. The solution span is the tokens lying wholly inside the padded
-   solution content (located with the tokenizer's offsets; the tags are not in it). Teacher sequence = tokens(prompt)
-   (tokenised like TRL does) + body ids. The explanation span is the padding tokens that end both prefixes (those
-   lying wholly inside the padding text; a token fused with the open tag is not) followed by the body ids, since the
-   thought content includes its leading padding (rlt-spec §1.5-1.6). Both models therefore score exactly the same
-   explanation tokens.
-3. Batched forwards (`rlt.rewards.scoring.TokenScorer`: the completions of a prompt share one forward of their
-   prefix, other sequences are length-sorted and left-padded, forwards bounded by ``tokens_per_forward``), logits
-   only for the scored positions (``logits_to_keep``), ``log_softmax(logits / tau)`` in float32: student at
-   ``tau_S = unbias_student_log_probs_temp`` (None -> 1) gives ``l`` (solution span) and ``s_k`` (explanation span),
-   teacher at ``tau_T = temperature`` if ``unbias_teacher_log_probs`` (None -> True) else 1 gives ``q_k``.
-4. ``d_k = q_k - s_k`` (with ``use_schulman_kl_estimation``: ``d_k + exp(-d_k) - 1``); the no-entropy twin uses
-   ``-s_k`` in place of ``d_k`` (the same estimator transform applied with ``q_k = 0``). Per token: normalise
-   (``none``/``exp``/``exp_norm`` = 1 - e^-x), then clip (log-probs below at ``-clip_log_prob``, KL values above at
-   ``clip_kl``), then reduce (mean, sum, min, max, median, first_quartile, last_quartile; median is the lower
-   median, as the reference's ``nanmedian``; the quartiles are linear-interpolation quantiles). A list coefficient
-   is paired elementwise with the list of reductions, a scalar multiplies each of them; the weighted reductions are
-   summed.
-
-Final reward::
-
-    r = sum_j a_j R^lp_j(l) - sum_j b_j R^kl_j(d) + r_format
-
-Penalties (``p = not_matched_penalty``, -1 by default; every case below is the same sign convention in the
-no-entropy twin):
-
-* ``r_format`` (logged as ``match_reward``) = ``p`` if the explanation is not closed, plus ``p`` if it is blank (no
-  token, or only whitespace).
-* The KL term is 0 when the KL is off (every KL coefficient 0: the teacher forward is skipped) or the explanation is
-  blank (the blank penalty above replaces it). Otherwise each reduction that is NaN/inf (an empty span, a NaN
-  log-prob) counts as ``-p`` before its coefficient weighs it (rlt-spec §2), so the KL term is ``-p * sum_j b_j``
-  when every reduction is.
-* Likewise each NaN/inf reduction of the log-prob term counts as ``p`` (an empty solution span: ``p * sum_j a_j``).
-
-With ``include_teacher_think_entropy=False`` the reward uses the no-entropy twin and the teacher forward is skipped
-(only the twin is computed). `rlt.trainers.GRPOTrainer` passes the generator's sampling log-probs (vLLM, or
-recorded during HF generate), which are ``q_k`` already when sampled at ``tau_T`` with plain tempered sampling: the
-teacher forward is then skipped (``reuse_sampling_logprobs``; logged as ``teacher_kl/reused_sampling_logprobs``) but
-for one prefill per distinct prompt that scores the padding tokens (they are prompt tokens, which the generator does
-not score). Per-completion values of the last call are in `TeacherKLReward.last_terms`; call averages go to TRL's ``log_metric`` as ``teacher_kl/<name>``: the
-terms, each configured reduction, and as the reference logs them the unprocessed statistics (every reduction, before
-normalisation and clipping) of the solution log-probs (``log_prob_raw_<r>``), the per-token KL (``kl_raw_<r>``) and
-its no-entropy twin ``-s_k`` (``no_entropy_kl_raw_<r>``).
+The definition (spans from the sampled ids, reductions, penalties, logged terms) is in docs/rlt.md "Reward"; its
+keys, defaults and checks are `rlt.config.TeacherRewardSection`; the batched forwards are `rlt.rewards.scoring`.
 """
 
 from __future__ import annotations
@@ -61,63 +11,62 @@ import contextlib
 import logging
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-from rlt.data.teacher import TeacherFormat, get_teacher_format, student_chat_parts
+from rlt.config import REDUCTIONS, TeacherRewardSection, paired_coefficients, reduction_names
+from rlt.data.teacher import get_teacher_format, student_chat_parts
 from rlt.errors import ConfigError
 from rlt.models import embedding_rows
 from rlt.rewards.scoring import TokenScorer, is_partitioned
-from rlt.rewards.teacher_math import NORMALIZATIONS, REDUCTIONS, normalize_values, reduce_values, schulman_k3
+from rlt.rewards.teacher_math import normalize_values, reduce_values, schulman_k3
 
 logger = logging.getLogger(__name__)
 
 
-def _as_names(value: Any, what: str, allowed: Sequence[str]) -> list[str]:
-    names = [value] if isinstance(value, str) else list(value) if value is not None else []
-    if not names:
-        raise ConfigError(f"{what} must name at least one reduction out of {list(allowed)}")
-    bad = [n for n in names if n not in allowed]
-    if bad:
-        raise ConfigError(f"{what} has unknown reduction(s) {bad}; expected some of {list(allowed)}")
-    return [str(n) for n in names]
+class Spans(NamedTuple):
+    """One completion as the two models score it: both score the same explanation tokens (docs/rlt.md)."""
+
+    student_ids: list[int]  # student chat up to think_open + padding, explanation body, tail (close, solution)
+    student_start: int  # first scored student position: the explanation span (padding tokens, then the body)
+    teacher_ids: list[int]  # teacher prompt (ending with explanation_open + padding) + explanation body
+    teacher_start: int
+    n_pad: int  # padding tokens that open the explanation span: prompt tokens in both sequences
+    n_body: int  # sampled explanation tokens, wholly before the close tag
+    solution: tuple[int, int]  # [lo, hi) of the solution tokens, counted from the end of the explanation span
+    closed: bool  # the close tag was sampled
+    blank: bool  # the explanation is nothing but whitespace
+
+    @property
+    def n_explanation(self) -> int:
+        return self.n_pad + self.n_body
 
 
-def _as_coefficients(value: Any, n: int, what: str) -> tuple[list[float], bool]:
-    """Coefficients paired with `n` reductions, and whether the config gave a scalar."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        coeffs, scalar = [float(value)] * n, True
-    elif isinstance(value, str) or value is None:
-        raise ConfigError(f"{what} must be a number or a list of numbers, got {value!r}")
-    else:
-        try:
-            coeffs, scalar = [float(v) for v in value], False
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{what} must be a number or a list of numbers, got {value!r}") from e
-        if len(coeffs) != n:
-            raise ConfigError(f"{what} has {len(coeffs)} coefficient(s) but there are {n} reduction(s); a list "
-                              "coefficient is paired elementwise with the list of reductions")
-    if not all(math.isfinite(c) for c in coeffs):
-        raise ConfigError(f"{what} must be finite, got {value!r}")
-    return coeffs, scalar
+@dataclass
+class Terms:
+    """One completion's reward and its parts; a call logs the mean of each as ``teacher_kl/<name>``."""
 
+    reward: float  # total_teacher_likelihood_reward, or no_entropy_reward without the teacher term
+    log_prob_term: float  # sum_j a_j R_j(solution log-probs), NaN reductions filled with p
+    kl_term: float  # sum_j b_j R_j(q_k - s_k), NaN reductions filled with -p; 0 when off or blank
+    match_reward: float  # p if not closed, + p if blank
+    total_teacher_likelihood_reward: float
+    no_entropy_kl_term: float  # the KL term of -s_k (the teacher term dropped)
+    no_entropy_reward: float
+    unclosed: float
+    blank: float
+    explanation_tokens: float
+    solution_tokens: float
+    teacher_think_log_prob_mean: float
+    student_think_log_prob_mean: float
+    reductions: dict[str, float]  # log_prob_<r>, kl_<r>, no_entropy_kl_<r>; raw statistics *_raw_<every r>
 
-def _normalization(value: Any, what: str) -> str:
-    name = "none" if value is None else str(value)
-    name = "none" if name in ("null", "None") else name
-    if name not in NORMALIZATIONS:
-        raise ConfigError(f"{what} must be one of {list(NORMALIZATIONS)} or null, got {value!r}")
-    return name
-
-
-def _clip_value(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{what} must be a positive number or null, got {value!r}")
-    return float(value)
+    def as_dict(self) -> dict[str, float]:
+        values = {k: float(v) for k, v in vars(self).items() if k != "reductions"}
+        return {**values, **self.reductions}
 
 
 def _model_device(model) -> torch.device:
@@ -127,126 +76,62 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-# --------------------------------------------------------------------------------------------------- the reward
-
-
 class TeacherKLReward:
-    """TRL reward callable for RLT teachers (see the module docstring for the exact definition).
-
-    The keyword defaults are the reference class's (``TeacherKLBasedReward``: a = b = 1, ``mean`` reductions,
-    ``exp``/``exp_norm`` normalisation, no clipping), so a call ported from the reference gives the same numbers;
-    the Hydra group ``reward_cfg/teacher_logprob_kl`` sets every key (the reference configs' values).
+    """TRL reward callable for RLT teachers (docs/rlt.md "Reward").
 
     Args:
-        student_model: the frozen student (same tokenizer/vocabulary as the teacher). Put in eval mode with
-            gradients off.
-        tokenizer: the policy's tokenizer (fast tokenizer with a chat template).
-        teacher_model: the model whose log-probs give ``q_k``; for RLT the current policy. May be set later with
-            `set_teacher_model` (TRL does not pass the model to reward functions).
-        teacher_format: `TeacherFormat`, a style name (``"stratos"``/``"r1"``) or a mapping of its fields; must be
-            the format the RL prompts were built with (checked against the ``teacher_format`` column if present).
-        answer_log_prob_coeff / reduction_log_prob_fn: ``a`` and the reductions of the student's solution log-probs.
-        answer_log_prob_coeff: a scalar must be > 0 (as in the reference); a list (one per reduction) may hold
-            zeros.
-        kl_penalty_reward_coeff / reduction_kl_fn: ``b`` and the reductions of the per-token KL. All-zero -> the
-            teacher forward is skipped; a negative scalar is allowed (it rewards divergence) with a warning.
-        normalize_log_prob_fn / normalize_kl_fn: ``None``/``"none"``, ``"exp"`` or ``"exp_norm"``.
-        clip_log_prob / clip_kl: clamp log-probs below at ``-clip_log_prob`` and KL values above at ``clip_kl``
-            (after normalisation); ``None`` = no clipping.
-        use_schulman_kl_estimation: k3 instead of k1 per-token estimate.
-        not_matched_penalty: ``p`` in the penalties (negative = a penalty).
-        unbias_teacher_log_probs: teacher at ``tau_T = temperature`` (None -> True) instead of 1.
-        unbias_student_log_probs_temp: ``tau_S`` (None -> 1).
-        include_teacher_think_entropy: False -> the reward uses ``-s_k`` instead of ``d_k`` (no teacher forward).
-        temperature: the teacher's sampling temperature (pass the trainer's; TRL's default is 1.0).
-        reuse_sampling_logprobs: when the trainer passes the generator's sampling log-probs (`rlt.trainers`:
-            vLLM or HF generation, plain tempered sampling) at ``tau_T``, use them as ``q_k`` instead of a teacher
-            forward; rows whose log-probs are missing or non-finite are still scored by the forward.
-        batch_size: sequences per scoring forward.
-        share_prefixes: score the completions of one prompt on one forward of their common prefix (the teacher
-            prompt; the student's system prompt + question), shared through the KV cache.
-        tokens_per_forward: at most this many input positions (rows × positions) per scoring forward; longer
-            batches run in several forwards on the KV cache, so the logits and a layer's activations stay bounded
-            (8192 × a 152k vocabulary in bf16: 2.5 GB of logits) whatever the sequence length.
-        offload_untrained_models: keep the student on CPU between calls, moved to the scoring device for a call.
-        device: scoring device; default the teacher's device, else the student's current device.
+        student_model: the frozen student (same tokenizer/vocabulary as the teacher), put in eval mode with
+            gradients off; may be None and set later (`set_student_model`: the trainer's reference model).
+        tokenizer: the policy's tokenizer (fast, with a chat template).
+        teacher_model: the model whose log-probs give ``q_k``: the current policy (or the reference model); may be
+            set later with `set_teacher_model` (TRL does not pass models to reward functions).
+        settings: where the reward keys come from (a run config or a `TeacherRewardSection`; None = the schema's
+            defaults); ``**keys`` override single keys (``answer_log_prob_coeff=[1, 0.01]``). Checked by
+            `TeacherRewardSection.problems`, like a run config's.
+        teacher_format: `TeacherFormat`, a style name or a mapping of its fields: the format the RL prompts were
+            built with (checked against the rows' ``teacher_format`` column).
+        temperature: the teacher's sampling temperature, tau_T of ``unbias_teacher_log_probs``.
+        share_prefixes: score the completions of one prompt on one forward of their common prefix.
+        offload_untrained_models: keep the student on CPU between calls, on the scoring device during one.
+        device: the scoring device; default the teacher's device, else the student's.
     """
 
-    def __init__(
-        self,
-        student_model,
-        tokenizer,
-        teacher_model=None,
-        *,
-        teacher_format: TeacherFormat | str | Mapping[str, Any] | None = None,
-        answer_log_prob_coeff: float | Sequence[float] = 1.0,
-        kl_penalty_reward_coeff: float | Sequence[float] = 1.0,
-        reduction_log_prob_fn: str | Sequence[str] = "mean",
-        reduction_kl_fn: str | Sequence[str] = "mean",
-        normalize_log_prob_fn: str | None = "exp",
-        normalize_kl_fn: str | None = "exp_norm",
-        clip_log_prob: float | None = None,
-        clip_kl: float | None = None,
-        use_schulman_kl_estimation: bool = False,
-        not_matched_penalty: float = -1.0,
-        unbias_teacher_log_probs: bool | None = None,
-        unbias_student_log_probs_temp: float | None = None,
-        include_teacher_think_entropy: bool | None = None,
-        temperature: float = 1.0,
-        reuse_sampling_logprobs: bool = True,
-        batch_size: int = 8,
-        share_prefixes: bool = True,
-        tokens_per_forward: int = 8192,
-        offload_untrained_models: bool = False,
-        device: str | torch.device | None = None,
-    ) -> None:
+    settings_type = TeacherRewardSection  # `rlt.config` checks reward_funcs kwargs of this class against it
+
+    def __init__(self, student_model, tokenizer, teacher_model=None, *, settings=None, teacher_format=None,
+                 temperature: float = 1.0, share_prefixes: bool = True, offload_untrained_models: bool = False,
+                 device: str | torch.device | None = None, **keys: Any) -> None:
         self.__name__ = "teacher_kl"
         if tokenizer is None:
             raise ConfigError("TeacherKLReward needs the policy's tokenizer")
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("TeacherKLReward needs a fast tokenizer (offset mappings locate the solution span)")
-        self.tokenizer = tokenizer
-        self.fmt = get_teacher_format(teacher_format)
-
-        self.reduction_log_prob_fn = _as_names(reduction_log_prob_fn, "reduction_log_prob_fn", REDUCTIONS)
-        self.reduction_kl_fn = _as_names(reduction_kl_fn, "reduction_kl_fn", REDUCTIONS)
-        self.lp_coeffs, lp_scalar = _as_coefficients(answer_log_prob_coeff, len(self.reduction_log_prob_fn),
-                                                     "answer_log_prob_coeff")
-        if lp_scalar and self.lp_coeffs[0] <= 0:
-            raise ConfigError(f"a scalar answer_log_prob_coeff must be > 0 (the solution log-prob term is the reward's "
-                              f"signal), got {answer_log_prob_coeff!r}; to switch the term off deliberately give one "
-                              f"zero per reduction, e.g. {[0.0] * len(self.reduction_log_prob_fn)}")
-        self.kl_coeffs, kl_scalar = _as_coefficients(kl_penalty_reward_coeff, len(self.reduction_kl_fn),
-                                                     "kl_penalty_reward_coeff")
-        if kl_scalar and self.kl_coeffs[0] < 0:
-            logger.warning("kl_penalty_reward_coeff=%s is negative: the reward favours explanations the student "
-                           "would NOT have produced", kl_penalty_reward_coeff)
-        self.kl_active = any(c != 0 for c in self.kl_coeffs)
-        self.normalize_log_prob_fn = _normalization(normalize_log_prob_fn, "normalize_log_prob_fn")
-        self.normalize_kl_fn = _normalization(normalize_kl_fn, "normalize_kl_fn")
-        self.clip_log_prob = _clip_value(clip_log_prob, "clip_log_prob")
-        self.clip_kl = _clip_value(clip_kl, "clip_kl")
-        self.use_schulman_kl_estimation = bool(use_schulman_kl_estimation)
-        if not isinstance(not_matched_penalty, numbers.Real) or not math.isfinite(not_matched_penalty):
-            raise ConfigError(f"not_matched_penalty must be a finite number, got {not_matched_penalty!r}")
-        self.not_matched_penalty = float(not_matched_penalty)
         if not isinstance(temperature, numbers.Real) or temperature <= 0:
             raise ConfigError(f"temperature must be a positive number, got {temperature!r}")
+        self.tokenizer = tokenizer
+        self.fmt = get_teacher_format(teacher_format)
+        self.settings = s = TeacherRewardSection.of(settings, **keys)
+
+        self.reduction_log_prob_fn = reduction_names(s.reduction_log_prob_fn)
+        self.reduction_kl_fn = reduction_names(s.reduction_kl_fn)
+        self.lp_coeffs = paired_coefficients(s.answer_log_prob_coeff, len(self.reduction_log_prob_fn))
+        self.kl_coeffs = paired_coefficients(s.kl_penalty_reward_coeff, len(self.reduction_kl_fn))
+        if isinstance(s.kl_penalty_reward_coeff, numbers.Real) and s.kl_penalty_reward_coeff < 0:
+            logger.warning("kl_penalty_reward_coeff=%s is negative: the reward favours explanations the student "
+                           "would NOT have produced", s.kl_penalty_reward_coeff)
+        self.kl_active = any(c != 0 for c in self.kl_coeffs)
+        self.normalize_log_prob_fn = s.normalize_log_prob_fn or "none"
+        self.normalize_kl_fn = s.normalize_kl_fn or "none"
+        self.clip_log_prob = None if s.clip_log_prob is None else float(s.clip_log_prob)
+        self.clip_kl = None if s.clip_kl is None else float(s.clip_kl)
+        self.use_schulman_kl_estimation = bool(s.use_schulman_kl_estimation)
+        self.not_matched_penalty = float(s.not_matched_penalty)
         self.temperature = float(temperature)
-        self.unbias_teacher_log_probs = True if unbias_teacher_log_probs is None else bool(unbias_teacher_log_probs)
-        self.teacher_temperature = self.temperature if self.unbias_teacher_log_probs else 1.0
-        self.reuse_sampling_logprobs = bool(reuse_sampling_logprobs)
-        if unbias_student_log_probs_temp is not None and (
-                not isinstance(unbias_student_log_probs_temp, numbers.Real) or unbias_student_log_probs_temp <= 0):
-            raise ConfigError(f"unbias_student_log_probs_temp must be a positive number or null, got "
-                              f"{unbias_student_log_probs_temp!r}")
-        self.student_temperature = 1.0 if unbias_student_log_probs_temp is None else float(unbias_student_log_probs_temp)
-        self.include_teacher_think_entropy = True if include_teacher_think_entropy is None else bool(
-            include_teacher_think_entropy)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(tokens_per_forward, int) or isinstance(tokens_per_forward, bool) or tokens_per_forward < 1:
-            raise ConfigError(f"tokens_per_forward must be a positive integer, got {tokens_per_forward!r}")
+        self.teacher_temperature = self.temperature if s.unbias_teacher_log_probs else 1.0
+        self.student_temperature = 1.0 if s.unbias_student_log_probs_temp is None else float(
+            s.unbias_student_log_probs_temp)
+        self.include_teacher_think_entropy = bool(s.include_teacher_think_entropy)
+        self.reuse_sampling_logprobs = bool(s.teacher_reuse_sampling_logprobs)
         self.offload_untrained_models = bool(offload_untrained_models)
         self.device = torch.device(device) if device is not None else None
 
@@ -254,12 +139,28 @@ class TeacherKLReward:
         self.set_student_model(student_model)
         self.teacher_model = teacher_model
         self._offload_teacher = False
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-        self.scorer = TokenScorer(pad_token_id=self.pad_token_id, batch_size=batch_size,
-                                  share_prefixes=bool(share_prefixes), tokens_per_forward=tokens_per_forward)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id or 0
+        self.scorer = TokenScorer(pad_token_id=self.pad_token_id, batch_size=s.teacher_reward_batch_size,
+                                  share_prefixes=bool(share_prefixes),
+                                  tokens_per_forward=s.teacher_reward_tokens_per_forward)
         self._special_ids = set(tokenizer.all_special_ids)
-        self.last_terms: dict[str, list[float]] = {}
+        self.last_terms: dict[str, list[float]] = {}  # the last call's `Terms`, one list per name
+        self._student_heads: dict[tuple[str, str], tuple[list[int], str]] = {}
+        self._prompt_ids: dict[str, list[int]] = {}
         self.last_reused_sampling_logprobs = 0  # rows of the last call whose q_k came from the generator
+
+    @classmethod
+    def from_run(cls, run, *, student_model, tokenizer, teacher_model=None, offload_untrained_models=None,
+                 **keys: Any) -> TeacherKLReward:
+        """The reward a validated RLT run config describes: its reward keys, teacher format, sampling temperature
+        and offloading; the generator's log-probs are not reused for a run whose q_k come from the reference model
+        (``use_reference_teacher_model``). ``keys`` override reward keys (a `reward_funcs` entry's kwargs)."""
+        keys.setdefault("teacher_reuse_sampling_logprobs",
+                        run.teacher_reuse_sampling_logprobs and not run.use_reference_teacher_model)
+        offload = run.offload_untrained_models if offload_untrained_models is None else offload_untrained_models
+        return cls(student_model, tokenizer, teacher_model, settings=run, teacher_format=run.teacher_format,
+                   temperature=run.temperature, offload_untrained_models=offload, **keys)
 
     # --------------------------------------------------------------------------------------------------- setup
 
@@ -395,24 +296,25 @@ class TeacherKLReward:
         q_k = torch.tensor(values, dtype=torch.float32)
         return q_k if bool(torch.isfinite(q_k).all()) else None
 
-    def _teacher_logprobs(self, prompts, info, t_seqs, t_starts, sampling_logprobs, sampling_temperature,
+    def _teacher_logprobs(self, prompts, spans: list[Spans], sampling_logprobs, sampling_temperature,
                           device) -> tuple[list[torch.Tensor | None], int]:
         """``q_k`` per row (None for a blank or empty explanation) and how many rows took the generator's sampling
         log-probs. A reused row still needs its padding tokens scored (prompt tokens the generator does not score):
         one prefill per distinct prompt; every other row is scored whole by the teacher forward."""
         n = len(prompts)
         teacher_lp: list[torch.Tensor | None] = [None] * n
-        rows = [i for i in range(n) if info[i]["n_pad"] + info[i]["n_body"] > 0 and not info[i]["blank"]]
-        sampled = {i: self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i, info[i]["n_body"])
-                   for i in rows if info[i]["n_body"]}
+        rows = [i for i in range(n) if spans[i].n_explanation > 0 and not spans[i].blank]
+        sampled = {i: self._reusable_sampling_logprobs(sampling_logprobs, sampling_temperature, i, spans[i].n_body)
+                   for i in rows if spans[i].n_body}
         sampled = {i: q for i, q in sampled.items() if q is not None}
         forward = [i for i in rows if i not in sampled]
         pad_only: dict[str, int] = {}
         for i in sampled:
-            if info[i]["n_pad"]:
+            if spans[i].n_pad:
                 pad_only.setdefault(prompts[i], i)
-        seqs = [t_seqs[i] for i in forward] + [t_seqs[i][:t_starts[i] + info[i]["n_pad"]] for i in pad_only.values()]
-        starts = [t_starts[i] for i in forward] + [t_starts[i] for i in pad_only.values()]
+        seqs = [spans[i].teacher_ids for i in forward] + [
+            spans[i].teacher_ids[:spans[i].teacher_start + spans[i].n_pad] for i in pad_only.values()]
+        starts = [spans[i].teacher_start for i in forward] + [spans[i].teacher_start for i in pad_only.values()]
         if seqs and self.teacher_model is None:
             raise ConfigError("TeacherKLReward has no teacher model: pass teacher_model=... or call "
                               "set_teacher_model(trainer.model) before training (or set kl_penalty_reward_coeff to 0)")
@@ -425,7 +327,7 @@ class TeacherKLReward:
             teacher_lp[i] = lp
         pad_lp = dict(zip(pad_only, scored[len(forward):], strict=True))
         for i, q_body in sampled.items():
-            teacher_lp[i] = torch.cat([pad_lp[prompts[i]], q_body]) if info[i]["n_pad"] else q_body
+            teacher_lp[i] = torch.cat([pad_lp[prompts[i]], q_body]) if spans[i].n_pad else q_body
         return teacher_lp, len(sampled)
 
     # ------------------------------------------------------------------------------------------------- scoring
@@ -449,6 +351,8 @@ class TeacherKLReward:
         d = normalize_values(d, self.normalize_kl_fn)
         return d.clamp(max=self.clip_kl) if self.clip_kl is not None else d
 
+    # ------------------------------------------------------------------------------------------------ a call
+
     def __call__(self, prompts: Sequence[str], completions: Sequence[str] | None = None,
                  completion_ids: Sequence[Sequence[int]] | None = None, *, question: Sequence[str] | None = None,
                  solution: Sequence[str] | None = None, teacher_format: Sequence[str] | None = None,
@@ -458,9 +362,22 @@ class TeacherKLReward:
         """One reward per completion. ``question``/``solution``/``teacher_format`` are the RL dataset's columns
         (`rlt.data.teacher.teacher_rl_prompt`). ``sampling_logprobs`` (one list per completion, aligned with
         ``completion_ids``) and ``sampling_temperature`` (a float or one per completion) are what
-        `rlt.trainers.GRPOTrainer` passes from its generator (vLLM, or HF generate with a recorder): with
-        ``reuse_sampling_logprobs`` on and the sampling temperature equal to ``tau_T`` they are ``q_k``, row by row (a row with a missing or non-finite
-        value is scored by the teacher forward)."""
+        `rlt.trainers.GRPOTrainer` passes from its generator: with ``teacher_reuse_sampling_logprobs`` and the
+        sampling temperature equal to tau_T they are ``q_k``, row by row (a row with a missing or non-finite value is
+        scored by the teacher forward)."""
+        completion_ids = self._checked_inputs(prompts, completions, completion_ids, question, solution,
+                                              teacher_format)
+        self._student_heads, self._prompt_ids = {}, {}  # tokenised once per call (the rows of a call share them)
+        spans = [self._spans(prompts[i], completion_ids[i], question[i], solution[i]) for i in range(len(prompts))]
+        self._student_heads, self._prompt_ids = {}, {}
+        student_lp, teacher_lp, reused = self._score(prompts, spans, sampling_logprobs, sampling_temperature)
+        terms = [self._terms(s, lp, q) for s, lp, q in zip(spans, student_lp, teacher_lp, strict=True)]
+        self._log(terms, reused, log_metric)
+        return [t.reward for t in terms]
+
+    def _checked_inputs(self, prompts, completions, completion_ids, question, solution,
+                        teacher_format) -> list[list[int]]:
+        """The completion ids (tokenised from `completions` when not given), after the checks of a call's inputs."""
         n = len(prompts)
         if question is None or solution is None:
             raise ConfigError("TeacherKLReward needs the 'question' and 'solution' dataset columns (build the RL "
@@ -478,110 +395,100 @@ class TeacherKLReward:
                 raise ConfigError(f"the RL rows were built with teacher format(s) {other} but the reward uses "
                                   f"{self.fmt.fingerprint}: configure the same TeacherFormat for data and reward")
         if completion_ids is None:
-            completion_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-        p = self.not_matched_penalty
+            return [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        return [[int(t) for t in ids] for ids in completion_ids]
 
-        # ---- sequences and spans
-        prompt_cache: dict[str, list[int]] = {}
-        student_cache: dict[tuple[str, str], tuple[list[int], str]] = {}
-        s_seqs, s_starts, t_seqs, t_starts, info = [], [], [], [], []
-        for i in range(n):
-            ids = [int(t) for t in completion_ids[i]]
-            while ids and ids[-1] in self._special_ids:
-                ids.pop()
-            body, leftover, closed, explanation = self._split_explanation(ids)
-            blank = not explanation.strip()
-            key = (question[i], solution[i])
-            if key not in student_cache:
-                head, tail = student_chat_parts(question[i], solution[i], self.fmt, self.tokenizer)
-                # add_special_tokens=False like apply_chat_template(tokenize=True): the template has any bos
-                head_ids = self.tokenizer(head + self.fmt.delimiters_padding, add_special_tokens=False)["input_ids"]
-                student_cache[key] = (head_ids, tail)
-            head_ids, tail = student_cache[key]
-            tail_ids, sol_lo, sol_hi = self._solution_span(leftover + tail, solution[i])
-            if prompts[i] not in prompt_cache:  # tokenised as TRL tokenises plain-string prompts for generation
-                prompt_cache[prompts[i]] = self.tokenizer(text=prompts[i])["input_ids"]
-            prompt_ids = prompt_cache[prompts[i]]
-            n_pad = self._padding_tokens(head_ids, prompt_ids)
-            s_seqs.append(head_ids + body + tail_ids)
-            s_starts.append(len(head_ids) - n_pad)
-            t_seqs.append(prompt_ids + body)
-            t_starts.append(len(prompt_ids) - n_pad)
-            info.append(dict(n_body=len(body), n_pad=n_pad, sol=(sol_lo, sol_hi), closed=closed, blank=blank))
+    def _spans(self, prompt: str, completion_ids: list[int], question: str, solution: str) -> Spans:
+        """Step 1: the student and teacher sequences of one completion and the spans each model scores. Prompt
+        tokens and the student chat's head are tokenised once per distinct prompt / (question, solution)."""
+        ids = list(completion_ids)
+        while ids and ids[-1] in self._special_ids:
+            ids.pop()
+        body, leftover, closed, explanation = self._split_explanation(ids)
+        key = (question, solution)
+        if key not in self._student_heads:
+            head, tail = student_chat_parts(question, solution, self.fmt, self.tokenizer)
+            # add_special_tokens=False like apply_chat_template(tokenize=True): the template has any bos
+            head_ids = self.tokenizer(head + self.fmt.delimiters_padding, add_special_tokens=False)["input_ids"]
+            self._student_heads[key] = (head_ids, tail)
+        head_ids, tail = self._student_heads[key]
+        tail_ids, sol_lo, sol_hi = self._solution_span(leftover + tail, solution)
+        if prompt not in self._prompt_ids:  # tokenised as TRL tokenises plain-string prompts for generation
+            self._prompt_ids[prompt] = self.tokenizer(text=prompt)["input_ids"]
+        prompt_ids = self._prompt_ids[prompt]
+        n_pad = self._padding_tokens(head_ids, prompt_ids)
+        return Spans(student_ids=head_ids + body + tail_ids, student_start=len(head_ids) - n_pad,
+                     teacher_ids=prompt_ids + body, teacher_start=len(prompt_ids) - n_pad, n_pad=n_pad,
+                     n_body=len(body), solution=(sol_lo, sol_hi), closed=closed, blank=not explanation.strip())
 
-        # ---- forwards
+    def _score(self, prompts, spans: list[Spans], sampling_logprobs,
+               sampling_temperature) -> tuple[list[torch.Tensor], list[torch.Tensor | None], int]:
+        """Step 2: the student's log-probs from the explanation span on, the teacher's ``q_k`` (forward or the
+        generator's), and how many rows reused the generator's."""
         device = self._scoring_device()
         student = self.student_model
         if student is None:
             raise ConfigError("TeacherKLReward has no student model: pass student_model=... or call "
                               "set_student_model(...) before training")
         with self._placed(student, device, self._offload_student):
-            student_lp = self._run(student, s_seqs, s_starts, self.student_temperature, device)
-        teacher_lp, reused = ([None] * n, 0) if not self.needs_teacher_forward else self._teacher_logprobs(
-            prompts, info, t_seqs, t_starts, sampling_logprobs, sampling_temperature, device)
+            student_lp = self._run(student, [s.student_ids for s in spans], [s.student_start for s in spans],
+                                   self.student_temperature, device)
+        if not self.needs_teacher_forward:
+            return student_lp, [None] * len(spans), 0
+        teacher_lp, reused = self._teacher_logprobs(prompts, spans, sampling_logprobs, sampling_temperature, device)
+        return student_lp, teacher_lp, reused
 
-        # ---- terms
-        terms: dict[str, list[float]] = {}
+    def _terms(self, span: Spans, student_lp: torch.Tensor, q_k: torch.Tensor | None) -> Terms:
+        """Step 3: one completion's reward and its parts from its log-probs (docs/rlt.md "Reward")."""
+        p = self.not_matched_penalty
+        nb, (lo, hi) = span.n_explanation, span.solution
+        s_k, ell = student_lp[:nb], student_lp[nb + lo: nb + hi]
+        lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs, p)
+        kl_term = ne_term = 0.0
+        teacher_mean = math.nan
+        raw_kl = raw_ne = torch.empty(0)  # the unprocessed per-token values, for the raw statistics
+        kl_red = [math.nan] * len(self.reduction_kl_fn)
+        ne_red = list(kl_red)
+        if self.kl_active and not span.blank:
+            raw_ne = -s_k
+            ne_red, ne_term = self._reduced(self._kl_values(raw_ne), self.reduction_kl_fn, self.kl_coeffs, -p)
+            if self.needs_teacher_forward:
+                q_k = q_k if q_k is not None else torch.empty(0)
+                raw_kl = q_k - s_k  # one value per explanation-span token (empty span: every reduction filled)
+                kl_red, kl_term = self._reduced(self._kl_values(raw_kl), self.reduction_kl_fn, self.kl_coeffs, -p)
+                if q_k.numel():
+                    teacher_mean = q_k.mean().item()
+            else:
+                kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
+        match = (p if not span.closed else 0.0) + (p if span.blank else 0.0)
+        total, ne_total = lp_term - kl_term + match, lp_term - ne_term + match
+        reductions = {}
+        for stat in REDUCTIONS:  # the reference's unprocessed statistics (before normalisation and clipping)
+            reductions[f"log_prob_raw_{stat}"] = reduce_values(ell, stat)
+            reductions[f"kl_raw_{stat}"] = reduce_values(raw_kl, stat)
+            reductions[f"no_entropy_kl_raw_{stat}"] = reduce_values(raw_ne, stat)
+        reductions.update({f"log_prob_{name}": v for name, v in zip(self.reduction_log_prob_fn, lp_red, strict=True)})
+        for name, value, ne_value in zip(self.reduction_kl_fn, kl_red, ne_red, strict=True):
+            reductions[f"kl_{name}"], reductions[f"no_entropy_kl_{name}"] = value, ne_value
+        return Terms(
+            reward=total if self.include_teacher_think_entropy else ne_total, log_prob_term=lp_term,
+            kl_term=kl_term, match_reward=match, total_teacher_likelihood_reward=total, no_entropy_kl_term=ne_term,
+            no_entropy_reward=ne_total, unclosed=float(not span.closed), blank=float(span.blank),
+            explanation_tokens=span.n_body, solution_tokens=hi - lo, teacher_think_log_prob_mean=teacher_mean,
+            student_think_log_prob_mean=s_k.mean().item() if s_k.numel() and not span.blank else math.nan,
+            reductions=reductions)
 
-        def put(name: str, value: float) -> None:
-            terms.setdefault(name, []).append(float(value))
-
-        rewards = []
-        for i in range(n):
-            nb, (lo, hi) = info[i]["n_pad"] + info[i]["n_body"], info[i]["sol"]  # nb: the explanation span
-            lp_all = student_lp[i]
-            s_k, ell = lp_all[:nb], lp_all[nb + lo: nb + hi]
-            lp_red, lp_term = self._reduced(self._lp_values(ell), self.reduction_log_prob_fn, self.lp_coeffs, p)
-            blank = info[i]["blank"]
-            kl_term = ne_term = 0.0
-            teacher_mean = math.nan
-            raw_kl = raw_ne = torch.empty(0)  # the unprocessed per-token values, for the raw statistics
-            kl_red = [math.nan] * len(self.reduction_kl_fn)
-            ne_red = list(kl_red)
-            if self.kl_active and not blank:
-                raw_ne = -s_k
-                ne_red, ne_term = self._reduced(self._kl_values(raw_ne), self.reduction_kl_fn, self.kl_coeffs, -p)
-                if self.needs_teacher_forward:
-                    q_k = teacher_lp[i] if teacher_lp[i] is not None else torch.empty(0)
-                    raw_kl = q_k - s_k  # one value per explanation-span token (empty span: every reduction filled)
-                    kl_red, kl_term = self._reduced(self._kl_values(raw_kl), self.reduction_kl_fn, self.kl_coeffs, -p)
-                    if q_k.numel():
-                        teacher_mean = q_k.mean().item()
-                else:
-                    kl_term = math.nan  # not computed (include_teacher_think_entropy=False)
-            match = (p if not info[i]["closed"] else 0.0) + (p if blank else 0.0)
-            total = lp_term - kl_term + match
-            ne_total = lp_term - ne_term + match
-            reward = total if self.include_teacher_think_entropy else ne_total
-            rewards.append(reward)
-            put("reward", reward)
-            put("log_prob_term", lp_term)
-            put("kl_term", kl_term)
-            put("match_reward", match)
-            put("total_teacher_likelihood_reward", total)
-            put("no_entropy_kl_term", ne_term)
-            put("no_entropy_reward", ne_total)
-            put("unclosed", float(not info[i]["closed"]))
-            put("blank", float(blank))
-            put("explanation_tokens", info[i]["n_body"])
-            put("solution_tokens", hi - lo)
-            for stat in REDUCTIONS:  # the reference's unprocessed statistics (before normalisation and clipping)
-                put(f"log_prob_raw_{stat}", reduce_values(ell, stat))
-                put(f"kl_raw_{stat}", reduce_values(raw_kl, stat))
-                put(f"no_entropy_kl_raw_{stat}", reduce_values(raw_ne, stat))
-            put("teacher_think_log_prob_mean", teacher_mean)
-            put("student_think_log_prob_mean", s_k.mean().item() if s_k.numel() and not blank else math.nan)
-            for name, value in zip(self.reduction_log_prob_fn, lp_red, strict=True):
-                put(f"log_prob_{name}", value)
-            for name, value, ne_value in zip(self.reduction_kl_fn, kl_red, ne_red, strict=True):
-                put(f"kl_{name}", value)
-                put(f"no_entropy_kl_{name}", ne_value)
-        self.last_terms = terms
+    def _log(self, terms: list[Terms], reused: int, log_metric) -> None:
+        """Step 4: `last_terms` (one list per name) and the call's means to TRL's ``log_metric``."""
+        columns: dict[str, list[float]] = {}
+        for t in terms:
+            for name, value in t.as_dict().items():
+                columns.setdefault(name, []).append(value)
+        self.last_terms = columns
         self.last_reused_sampling_logprobs = reused
         if log_metric is not None:
-            log_metric("teacher_kl/reused_sampling_logprobs", reused / max(n, 1))
-            for name, values in terms.items():
+            log_metric("teacher_kl/reused_sampling_logprobs", reused / max(len(terms), 1))
+            for name, values in columns.items():
                 finite = [v for v in values if math.isfinite(v)]
                 if finite:
                     log_metric(f"teacher_kl/{name}", sum(finite) / len(finite))
-        return rewards

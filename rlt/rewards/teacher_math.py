@@ -9,10 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
+from rlt.config import NORMALIZATIONS, REDUCTIONS
 from rlt.errors import ConfigError
 
-REDUCTIONS = ("mean", "sum", "min", "max", "median", "first_quartile", "last_quartile")
-NORMALIZATIONS = ("none", "exp", "exp_norm")
 _QUANTILES = {"first_quartile": 0.25, "last_quartile": 0.75}
 _LOGSOFTMAX_CHUNK = 512  # positions per float32 log_softmax chunk (bounds the float32 copy of the logits)
 

@@ -1,0 +1,227 @@
+"""The sections every run config shares: run identity and logging, the model, the data, optimisation and batch
+geometry. Each is a mixin dataclass: field = key, default and a comment saying what it means; `problems()` lists
+what is wrong with the values, naming the key and the numbers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from rlt.config.checks import (
+    ATTN_IMPLEMENTATIONS,
+    COMPLETION_STYLES,
+    DATA_FORMATS,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    OPTIMIZERS,
+    REPORT_TO,
+    TEACHER_DATA_FORMATS,
+    TEACHER_STYLES,
+    TEXT_SAMPLE_BY,
+    TORCH_DTYPES,
+    WANDB_MODES,
+    in_unit_interval,
+    one_of,
+    positive,
+)
+
+
+@dataclass
+class RunSection:
+    """Run identity, output, logging and checkpoints (`cfgs/train.yaml`, `run_cfg/*`)."""
+
+    algorithm: str = MISSING  # sft | grpo | rlt; set by trainer_cfg
+    run_name: str = MISSING  # names the run dir: ${results_dir}/${run_name} (deterministic, so restarts resume)
+    results_dir: str = "results"
+    output_dir: str | None = None  # null = the Hydra job dir (results/<run_name>, or one subdir per multirun job)
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])  # wandb | tensorboard | none
+    wandb_project: str = "rlt"
+    wandb_group: str | None = None
+    wandb_mode: str | None = None  # null = online if credentials exist, else offline (never prompts)
+    logging_steps: int = 1
+    save_steps: int = 50  # checkpoint every N optimizer steps
+    save_total_limit: int | None = 3
+    resume: bool = True  # continue from the last complete checkpoint in output_dir
+    resume_from: str | None = None  # explicit checkpoint dir (wins over `resume`)
+    save_final_model: bool = True  # model + tokenizer in ${output_dir}/final
+    memcheck: bool = True  # estimate peak GPU memory before loading weights; refuse a run that does not fit
+    memcheck_gpu_memory: str | None = None  # budget without a visible GPU, e.g. 85GB (GB = 1e9 B, GiB = 2^30 B)
+    # model whose architecture the memory check assumes when model_name_or_path / student_model cannot be read yet
+    # (a warm-up checkpoint still to be trained, a hub model not downloaded): a hub id, directory or config.json
+    memcheck_model_arch: str | None = None
+    memcheck_student_arch: str | None = None
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        if not self.run_name.strip() or "/" in self.run_name:
+            errors.append(f"run_name={self.run_name!r} must be a non-empty name without '/'")
+        for r in self.report_to:
+            one_of(errors, "report_to", r, REPORT_TO)
+        if self.wandb_mode is not None:
+            one_of(errors, "wandb_mode", self.wandb_mode, WANDB_MODES)
+        positive(errors, "logging_steps", self.logging_steps)
+        positive(errors, "save_steps", self.save_steps)
+        positive(errors, "save_total_limit", self.save_total_limit, allow_none=True)
+        if self.memcheck_gpu_memory is not None:
+            from rlt.memory import parse_size
+
+            try:
+                parse_size(self.memcheck_gpu_memory)
+            except ValueError as e:
+                errors.append(f"memcheck_gpu_memory: {e}")
+        for key in ("memcheck_model_arch", "memcheck_student_arch"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                errors.append(f"{key}='' must be a model id, directory or config.json path, or null")
+        return errors
+
+
+
+@dataclass
+class ModelSection:
+    """What model to train and how to load it (`model_cfg/*`)."""
+
+    model_name_or_path: str = MISSING  # hub id, local dir, or rlt:tiny / rlt:tiny-wide / rlt:smollm2-135m
+    tokenizer_name_or_path: str | None = None  # null = same as the model
+    model_revision: str | None = None
+    torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights as loaded)
+    attn_implementation: str | None = None  # null = transformers' default (sdpa); eager | sdpa | flash_attention_2
+    trust_remote_code: bool = False
+    pad_token: str | None = None  # null = repair automatically (never pad == eos)
+    use_peft: bool = False  # LoRA adapters instead of full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes nf4); CUDA only
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        one_of(errors, "torch_dtype", self.torch_dtype, TORCH_DTYPES)
+        if self.attn_implementation is not None:
+            one_of(errors, "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        positive(errors, "lora_r", self.lora_r)
+        positive(errors, "lora_alpha", self.lora_alpha)
+        in_unit_interval(errors, "lora_dropout", self.lora_dropout)
+        if not self.lora_target_modules:
+            errors.append("lora_target_modules must name at least one module (or ['all-linear'])")
+        if self.load_in_4bit and not self.use_peft:
+            errors.append("load_in_4bit=true trains 4-bit weights only through adapters: set use_peft=true")
+        return errors
+
+
+
+@dataclass
+class DataSection:
+    """Where the data comes from and how rows become training examples (`data_cfg/*`)."""
+
+    dataset_id_or_path: str = MISSING  # hub id, local file/dir/glob, or synthetic:arithmetic
+    dataset_subset: str | None = None  # hub dataset config name (e.g. 'main' for openai/gsm8k)
+    data_format: str = MISSING  # gsm8k | alpaca | dolly | sharegpt | messages | text | prompt_completion
+    data_columns: dict[str, str] = field(default_factory=dict)  # logical name -> column (over the format defaults)
+    train_split: str = "train"
+    eval_split: str | None = "test"  # null or missing split = carve eval_fraction out of train
+    eval_fraction: float = 0.0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    system_prompt: str | None = None
+    completion_style: str = "gsm8k"  # gsm8k data: gsm8k (worked answer + '#### n') | reasoning_answer_tags
+    text_sample_by: str = "paragraph"  # text corpora: one example per paragraph | line | document
+    synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic:arithmetic parameters (num_train, ...)
+    # data_format=teacher (RLT): rows with question/solution[/reasoning_trace], GSM8K rows, or Stratos conversations
+    teacher_data_format: str = "auto"  # auto (from the columns) | custom | gsm8k | stratos
+    teacher_format: dict[str, Any] = field(default_factory=lambda: {"style": "stratos"})  # tags + system prompts
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        one_of(errors, "data_format", self.data_format, DATA_FORMATS)
+        one_of(errors, "completion_style", self.completion_style, COMPLETION_STYLES)
+        one_of(errors, "text_sample_by", self.text_sample_by, TEXT_SAMPLE_BY)
+        one_of(errors, "teacher_data_format", self.teacher_data_format, TEACHER_DATA_FORMATS)
+        one_of(errors, "teacher_format.style", self.teacher_format.get("style", "stratos"), TEACHER_STYLES)
+        in_unit_interval(errors, "eval_fraction", self.eval_fraction)
+        positive(errors, "max_train_samples", self.max_train_samples, allow_none=True)
+        positive(errors, "max_eval_samples", self.max_eval_samples, allow_none=True)
+        return errors
+
+
+
+@dataclass
+class OptimSection:
+    """Optimisation and batch geometry shared by every trainer (`trainer_cfg/*`)."""
+
+    learning_rate: float = 1e-5
+    optim: str = "adamw_torch"  # adamw_8bit / paged_adamw_8bit: 2 bytes of state per parameter instead of 8
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_steps: int = -1  # optimizer steps; -1 = run num_train_epochs
+    num_train_epochs: float = 1.0
+    train_batch_size: int = 8  # sequences per optimizer step, over all processes
+    per_device_train_batch_size: int = 8  # micro-batch per forward/backward
+    gradient_accumulation_steps: int | None = None  # null = train_batch_size / (per_device × world size)
+    per_device_eval_batch_size: int = 8
+    mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | no
+    gradient_checkpointing: bool = False
+    # evaluate every N steps (null: SFT only at the end if there is eval data; GRPO/RLT never)
+    eval_steps: int | None = None
+    eval_on_start: bool = False  # evaluate before the first step (shows the starting loss)
+    early_stopping_patience: int | None = None  # stop after N evals without eval_loss improvement
+
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def derived_gradient_accumulation_steps(self) -> int:
+        """GA = train_batch_size / (per_device_train_batch_size × world), e.g. 64 / (4 × 2) = 8."""
+        return self.train_batch_size // (self.per_device_train_batch_size * self.world_size())
+
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        positive(errors, "learning_rate", self.learning_rate)
+        one_of(errors, "optim", self.optim, OPTIMIZERS)
+        one_of(errors, "lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
+        in_unit_interval(errors, "warmup_ratio", self.warmup_ratio)
+        if self.weight_decay < 0:
+            errors.append(f"weight_decay={self.weight_decay} must be >= 0")
+        in_unit_interval(errors, "adam_beta1", self.adam_beta1)
+        in_unit_interval(errors, "adam_beta2", self.adam_beta2)
+        positive(errors, "adam_epsilon", self.adam_epsilon)
+        positive(errors, "max_grad_norm", self.max_grad_norm)
+        if self.max_steps == 0 or self.max_steps < -1:
+            errors.append(f"max_steps={self.max_steps} must be > 0 (or -1 to run num_train_epochs)")
+        if self.max_steps == -1:
+            positive(errors, "num_train_epochs", self.num_train_epochs)
+        positive(errors, "train_batch_size", self.train_batch_size)
+        positive(errors, "per_device_train_batch_size", self.per_device_train_batch_size)
+        positive(errors, "per_device_eval_batch_size", self.per_device_eval_batch_size)
+        one_of(errors, "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        positive(errors, "eval_steps", self.eval_steps, allow_none=True)
+        positive(errors, "early_stopping_patience", self.early_stopping_patience, allow_none=True)
+        if self.train_batch_size > 0 and self.per_device_train_batch_size > 0:
+            world = self.world_size()
+            per_step = self.per_device_train_batch_size * world
+            if self.train_batch_size % per_step:
+                errors.append(
+                    f"train_batch_size={self.train_batch_size} is not divisible by per_device_train_batch_size="
+                    f"{self.per_device_train_batch_size} × world size {world} = {per_step}: choose train_batch_size "
+                    f"as a multiple of {per_step}")
+            elif (self.gradient_accumulation_steps is not None
+                  and self.gradient_accumulation_steps != self.derived_gradient_accumulation_steps()):
+                errors.append(
+                    f"gradient_accumulation_steps={self.gradient_accumulation_steps} contradicts train_batch_size="
+                    f"{self.train_batch_size} / (per_device_train_batch_size={self.per_device_train_batch_size} × "
+                    f"world size {world}) = {self.derived_gradient_accumulation_steps()}: set it to null")
+        return errors
+
+
+
+def section_problems(run) -> list[str]:
+    """The problems of every section a run config is made of (its dataclass bases), in their order."""
+    return [error for section in type(run).__bases__ for error in section.problems(run)]
