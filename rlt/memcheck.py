@@ -7,34 +7,7 @@ The command line and config adapter of the GPU memory estimator `rlt.memory`: th
 composes it (`rlt.compose`), each model's architecture, then the per-GPU peak of a training step, PASS/FAIL, the
 checks and one-knob changes that lower the peak. Exit status: 0 PASS, 1 FAIL, 2 usage or config error (one line on
 stderr). Sizes, architecture sources, phases and formulas: docs/memory.md.
-
-Config keys read by `plan_from_config` (`getattr(run, key, default)`: an SFT run has no GRPO/RLT keys):
-
-| key | default if absent | used for |
-|---|---|---|
-| algorithm | (required) | sft: forward/backward + optimizer phases; grpo/rlt: + generation, scoring |
-| model_name_or_path, model_revision | (required), None | policy architecture |
-| memcheck_model_arch, memcheck_student_arch | None, None | stand-in architecture when policy / student is unreadable |
-| torch_dtype | auto | weight dtype; auto = the checkpoint's dtype (bf16 if unknown) |
-| mixed_precision | auto | activation dtype; auto = bf16 (the estimate is for a bf16-capable GPU), no = fp32 |
-| load_in_4bit | False | NF4 weights |
-| use_peft, lora_r, lora_target_modules, lora_dropout | False, 16, [all-linear], 0.05 | trainable + LoRA activations |
-| attn_implementation | None (sdpa) | eager keeps seq² scores; flash keeps k/v unexpanded |
-| gradient_checkpointing | False | activations |
-| per_device_train_batch_size, train_batch_size, gradient_accumulation_steps | 8, 8, None | micro-batch, GA |
-| max_length, packing | 1024, False | SFT tokens per sequence (packing: no padding mask) |
-| optim | adamw_torch_fused | optimizer states (adamw_8bit / paged_adamw_8bit: 8-bit) |
-| num_generations | 8 | group size (KV check, geometry) |
-| max_prompt_length, max_completion_length | 512, 512 | RL sequence = prompt + completion; logits on completion |
-| beta | 0.0 | reference model (only if beta > 0 and not LoRA) |
-| generation_backend | hf | hf (KV cache inside the trainer) / vllm_colocate / vllm_server |
-| (use_vllm, vllm_mode, use_vllm_server) | False, colocate, False | the same, with TRL / reference key names |
-| vllm_gpu_memory_utilization | 0.3 | colocated reservation = utilization × GPU memory |
-| vllm_kv_cache_memory_bytes | None | fixed KV cache (replaces the utilization sizing) |
-| vllm_enable_sleep_mode | False | colocated vLLM released outside generation |
-| generation_aggregation_steps | None (= GA) | completions per generation round = P × world × G |
-| student_model | None | RLT student architecture (None: the reference acts as student) |
-| offload_untrained_models, disable_student_offloading | False, False | reference / student on CPU |
+The config keys the estimate reads, and what for: docs/memory.md.
 """
 
 from __future__ import annotations
@@ -47,6 +20,7 @@ from pathlib import Path
 
 from rlt import memory as M
 from rlt.compose import compose, one_line
+from rlt.config import all_defaults
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 CLI_FLAGS = ("--zero", "--offload")
@@ -162,53 +136,47 @@ def _resolve_arch(name: str, revision: str | None, model_config: str | None) -> 
 
 
 def plan_from_config(run, args, *, policy: M.ModelArch, student: M.ModelArch | None) -> M.MemoryPlan:
-    """Translate the run config (+ CLI hardware flags) into a MemoryPlan; keys as in the module docstring."""
-    get = lambda key, default=None: getattr(run, key, default)  # noqa: E731
+    """Translate the run config (+ CLI hardware flags) into a MemoryPlan (the keys read: docs/memory.md). A key the
+    run's algorithm does not have (an SFT run's GRPO keys) reads as the schema's default."""
+    defaults = all_defaults()
+    get = lambda key: getattr(run, key, defaults.get(key))  # noqa: E731
     notes: list[str] = []
     algorithm = get("algorithm")
-    torch_dtype = get("torch_dtype", "auto")
+    torch_dtype = get("torch_dtype")
     weight_dtype = (policy.checkpoint_dtype or "bfloat16") if torch_dtype == "auto" else torch_dtype
-    mp = get("mixed_precision", "auto")
+    mp = get("mixed_precision")
     compute = {"auto": "bf16", "bf16": "bf16", "fp16": "fp16", "no": "fp32"}[mp]
     if mp == "auto":
         notes.append("mixed_precision=auto: assumed bf16 (on a bf16-capable GPU; a CPU run would use fp32)")
     num_gpus = args.num_gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    micro = get("per_device_train_batch_size", 8)
-    train_batch = get("train_batch_size", micro * num_gpus)
+    micro = get("per_device_train_batch_size")
+    train_batch = get("train_batch_size")
     ga = get("gradient_accumulation_steps") or max(1, train_batch // max(1, micro * num_gpus))
-    optim = get("optim", "adamw_torch_fused")
+    optim = get("optim")
     if optim not in M.OPTIMIZERS:
         notes.append(f"optim={optim}: counted as adamw_torch_fused")
         optim = "adamw_torch_fused"
     rl = algorithm in ("grpo", "rlt")
     kw: dict = {}
     if rl:
-        prompt, completion = get("max_prompt_length", 512), get("max_completion_length", 512)
-        peft = get("use_peft", False)
-        beta = get("beta", 0.0)
-        offload = get("offload_untrained_models", False)
-        backend = get("generation_backend")
-        if backend is not None:
-            mode = {"hf": None, "vllm_colocate": "colocate", "vllm_server": "server"}.get(backend)
-        elif get("use_vllm_server", False):
-            mode = "server"
-        elif get("use_vllm", False):
-            mode = get("vllm_mode", "colocate")
-        else:
-            mode = None
+        prompt, completion = get("max_prompt_length"), get("max_completion_length")
+        peft = get("use_peft")
+        beta = get("beta")
+        offload = get("offload_untrained_models")
+        mode = {"hf": None, "vllm_colocate": "colocate", "vllm_server": "server"}[get("generation_backend")]
         agg = get("generation_aggregation_steps")
         round_size = micro * num_gpus * (agg or ga)
         kw = dict(
-            seq_len=prompt + completion, logits_tokens=completion, num_generations=get("num_generations", 8),
+            seq_len=prompt + completion, logits_tokens=completion, num_generations=get("num_generations"),
             prompt_len=prompt, completion_len=completion, reference_model=bool(beta) and not peft,
             # rlt.trainers offloads TRL's reference only without DeepSpeed (under ZeRO it is a wrapped engine)
             reference_offload=offload and args.zero is None, student=student,
-            student_offload=offload and not get("disable_student_offloading", False), vllm_mode=mode,
-            vllm_gpu_memory_utilization=get("vllm_gpu_memory_utilization", 0.3),
-            vllm_sleep=get("vllm_enable_sleep_mode", False), generation_round=round_size,
+            student_offload=offload, vllm_mode=mode,
+            vllm_gpu_memory_utilization=get("vllm_gpu_memory_utilization"),
+            vllm_sleep=get("vllm_enable_sleep_mode"), generation_round=round_size,
             generation_aggregation_steps=agg, vllm_gpus=args.vllm_gpus, logits_mode="fused",
-            vllm_kv_cache_bytes=get("vllm_kv_cache_memory_bytes"), reward_batch=get("teacher_reward_batch_size", 8),
-            reward_tokens_per_forward=get("teacher_reward_tokens_per_forward", 8192))
+            vllm_kv_cache_bytes=get("vllm_kv_cache_memory_bytes"), reward_batch=get("teacher_reward_batch_size"),
+            reward_tokens_per_forward=get("teacher_reward_tokens_per_forward"))
         notes.append("log-probs through TRL's chunked LM-head kernel (the GRPO recipe uses TRL's GRPOTrainer)")
         if algorithm == "rlt" and student is None and peft:
             notes.append("rlt with LoRA and no student_model: the policy with its adapter disabled is the student")
@@ -216,14 +184,14 @@ def plan_from_config(run, args, *, policy: M.ModelArch, student: M.ModelArch | N
             kw["reference_model"] = True
             notes.append("rlt without student_model: the reference model is the student (kept even with beta=0)")
     else:
-        kw = dict(seq_len=get("max_length", 1024))
+        kw = dict(seq_len=get("max_length"))
     return M.MemoryPlan(
-        policy=policy, weight_dtype=weight_dtype, compute_dtype=compute, load_in_4bit=get("load_in_4bit", False),
-        use_peft=get("use_peft", False), lora_r=get("lora_r", 16),
-        lora_target_modules=tuple(get("lora_target_modules", ["all-linear"])), lora_dropout=get("lora_dropout", 0.05),
-        optimizer=optim, gradient_checkpointing=get("gradient_checkpointing", False), micro_batch=micro,
+        policy=policy, weight_dtype=weight_dtype, compute_dtype=compute, load_in_4bit=get("load_in_4bit"),
+        use_peft=get("use_peft"), lora_r=get("lora_r"), lora_target_modules=tuple(get("lora_target_modules")),
+        lora_dropout=get("lora_dropout"), optimizer=optim, gradient_checkpointing=get("gradient_checkpointing"),
+        micro_batch=micro,
         grad_accum=ga, attn_implementation=get("attn_implementation") or "sdpa",
-        attention_mask=not (get("packing", False) and not rl), train_batch_size=train_batch, algorithm=algorithm,
+        attention_mask=not (get("packing") and not rl), train_batch_size=train_batch, algorithm=algorithm,
         gpu_memory=_size(args.gpu_memory, "--gpu-memory"),
         margin=None if args.margin is None else _size(args.margin, "--margin"), num_gpus=num_gpus,
         zero_stage=args.zero, offload_optimizer=args.offload, offload_params=args.offload_params,

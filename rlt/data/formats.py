@@ -136,7 +136,7 @@ def _single_turn(user: str, assistant: str, system_prompt: str | None) -> dict:
     }
 
 
-def _normalise_turns(turns: Any) -> list[dict] | None:
+def normalise_turns(turns: Any) -> list[dict] | None:
     """``[{from, value}]`` or ``[{role, content}]`` -> ``[{role, content}]`` with chat-template roles; None if
     malformed."""
     if not isinstance(turns, list | tuple) or not turns:
@@ -156,7 +156,7 @@ def _normalise_turns(turns: Any) -> list[dict] | None:
 
 
 def _conversation(turns: Any, system_prompt: str | None) -> dict | None:
-    messages = _normalise_turns(turns)
+    messages = normalise_turns(turns)
     if messages is None:
         return None
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)

@@ -19,7 +19,7 @@ from typing import Any
 from datasets import Dataset
 
 from rlt.config import TEACHER_DATA_FORMATS
-from rlt.data.formats import gsm8k_final_answer, gsm8k_reasoning
+from rlt.data.formats import gsm8k_final_answer, gsm8k_reasoning, normalise_turns
 from rlt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -207,21 +207,6 @@ def _block(text: str, open_tag: str, close_tag: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _turns(conversations: Any) -> list[tuple[str, str]] | None:
-    if not isinstance(conversations, list | tuple):
-        return None
-    out = []
-    for turn in conversations:
-        if not isinstance(turn, Mapping):
-            return None
-        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
-        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        if not isinstance(role, str) or not isinstance(content, str):
-            return None
-        out.append((role.strip().lower(), content))
-    return out
-
-
 def parse_teacher_row(row: Mapping[str, Any], data_format: str, fmt: TeacherFormat,
                       columns: Mapping[str, str] | None = None) -> TeacherRow | str:
     """One raw row -> `TeacherRow`, or a rejection reason (``"empty"`` / ``"malformed"``).
@@ -248,11 +233,11 @@ def parse_teacher_row(row: Mapping[str, Any], data_format: str, fmt: TeacherForm
         solution = gsm8k_final_answer(answer) or ""
         trace = gsm8k_reasoning(answer) if answer else ""
     else:
-        turns = _turns(get("conversations"))
+        turns = normalise_turns(get("conversations"))
         if turns is None:
             return REJECT_MALFORMED
-        question = next((c.strip() for r, c in turns if r in ("user", "human")), None)
-        answer = next((c for r, c in turns if r in ("assistant", "gpt")), None)
+        question = next((m["content"] for m in turns if m["role"] == "user"), None)
+        answer = next((m["content"] for m in turns if m["role"] == "assistant"), None)
         if question is None or answer is None:
             return REJECT_MALFORMED
         thought = _block(answer, fmt.think_open, fmt.think_close)
