@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -452,6 +454,108 @@ def test_gsm8k_eval_helpers_on_fixture():
     assert ds.column_names == ["prompt", "answer", "question"] and len(ds) == 2
     with pytest.raises(DataError, match="available splits"):
         prepare_gsm8k_eval(dataset_id_or_path=str(FIXTURES / "gsm8k_style.jsonl"))
+
+
+# ------------------------------------------------------------------------------ undecodable / malformed data files
+
+GSM8K_ROW = json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n"
+
+
+def one_line_error(call, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_latin1_jsonl_names_file_line_byte_offset_and_encoding(tmp_path):
+    """pyarrow's JSON reader loads the latin-1 bytes without complaint: the error must still come at load time."""
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(GSM8K_ROW.encode() + '{"question": "Caf\u00e9?", "answer": "#### 2"}\n'.encode("latin-1"))
+    message = one_line_error(sft, path, "gsm8k")
+    offset = len(GSM8K_ROW) + len('{"question": "Caf')
+    assert f"data file '{path}' is not UTF-8: line 2, byte offset {offset}: byte 0xe9" in message
+    assert "latin-1" in message and f"iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8" in message
+    assert one_line_error(prepare_gsm8k_eval, dataset_id_or_path=str(path), split="train") == message
+
+
+def test_csv_with_a_cp1252_byte(tmp_path):
+    path = tmp_path / "pairs.csv"
+    head = b"prompt,completion\nq1,a1\n"
+    path.write_bytes(head + b"\x93q2\x94,a2\n")
+    message = one_line_error(load_raw, str(path))
+    assert f"data file '{path}' is not UTF-8: line 3, byte offset {len(head)}: byte 0x93" in message
+    assert "cp1252" in message and "iconv -f CP1252 -t UTF-8" in message
+
+
+def test_jsonl_with_a_broken_line_3(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(GSM8K_ROW * 2 + '{"question": "c", "answer": #### 3}\n' + GSM8K_ROW)
+    message = one_line_error(sft, path, "gsm8k")
+    assert message == (f"data file '{path}' is not valid JSON: line 3, column 29: Expecting value "
+                       """(in '{"question": "c", "answer": #### 3}')""")
+
+
+def test_json_document_with_a_syntax_error(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"question": "a", "answer": "#### 1"},\n  {"question": "b" "answer": "#### 2"}\n]\n')
+    message = one_line_error(load_raw, str(path))
+    assert f"data file '{path}' is not valid JSON: line 3, column 20: Expecting ',' delimiter" in message
+    assert """(in '  {"question": "b" "answer": "#### 2"}')""" in message
+
+
+def test_directory_and_glob_name_the_bad_file(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", made_up_gsm8k(3))
+    (tmp_path / "test.jsonl").write_bytes(GSM8K_ROW.encode() * 4 + b'{"question": "x\xff"}\n')
+    message = one_line_error(load_raw, str(tmp_path))
+    offset = 4 * len(GSM8K_ROW) + len('{"question": "x')
+    assert f"data file '{tmp_path / 'test.jsonl'}' is not UTF-8: line 5, byte offset {offset}: byte 0xff" in message
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("fine text\n")
+    (corpus / "b.txt").write_bytes("ok\nna\u00efve\n".encode("latin-1"))
+    message = one_line_error(load_raw, str(corpus / "*.txt"))
+    assert f"data file '{corpus / 'b.txt'}' is not UTF-8: line 2, byte offset 5: byte 0xef" in message
+
+
+def test_load_failure_without_a_diagnosis_keeps_the_first_line_of_the_cause(tmp_path, monkeypatch):
+    from datasets.exceptions import DatasetGenerationError
+
+    path = tmp_path / "fine.jsonl"
+    path.write_text(GSM8K_ROW)
+
+    def fails(*args, **kwargs):
+        try:
+            raise ValueError("disk on fire\nmore detail")
+        except ValueError as e:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets, "load_dataset", fails)
+    message = one_line_error(load_raw, str(path))
+    assert message == f"could not read json file(s) ['{path}'] for split 'train': ValueError: disk on fire"
+
+
+def test_diagnose_docstring_examples_hold():
+    import doctest
+
+    import rlt.data.diagnose
+
+    result = doctest.testmod(rlt.data.diagnose)
+    assert result.failed == 0 and result.attempted > 0, result
+
+
+def test_train_cli_reports_a_bad_data_file_in_one_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(GSM8K_ROW * 2 + '{"question": "c", "answer": #### 3}\n')
+    proc = subprocess.run([sys.executable, "-m", "rlt.train", "run_cfg=tiny_sft", f"dataset_id_or_path={path}",
+                           "data_format=gsm8k", f"results_dir={tmp_path / 'results'}", "report_to=[none]"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    mentions = [line for line in proc.stderr.splitlines() if str(path) in line]
+    assert mentions == [f"rlt: data file '{path}' is not valid JSON: line 3, column 29: Expecting value "
+                        """(in '{"question": "c", "answer": #### 3}')"""], proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------------ real GSM8K

@@ -18,6 +18,7 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from rlt.config import TEXT_SAMPLE_BY
+from rlt.data.diagnose import explain_load_failure, quiet_builder_errors
 from rlt.data.formats import (
     COMPLETION_STYLES,
     DEFAULT_COLUMNS,
@@ -77,7 +78,8 @@ def _is_empty_file(path: Path) -> bool:
 
 
 def _load_files(files: list[Path], split: str, text_sample_by: str) -> Dataset:
-    """Load files of one extension as one split; DataError for empty files, unreadable files or 0 rows."""
+    """Load files of one extension as one split; DataError for empty files, unreadable files (with the file, line
+    and byte / column of the first non-UTF-8 byte or bad JSON line: `rlt.data.diagnose`) or 0 rows."""
     exts = sorted({f.suffix.lower() for f in files})
     if len(exts) != 1:
         raise DataError(f"split '{split}' mixes file types {exts}: {[str(f) for f in files]}; use one type per split")
@@ -88,10 +90,12 @@ def _load_files(files: list[Path], split: str, text_sample_by: str) -> Dataset:
     kwargs: dict[str, Any] = {"sample_by": text_sample_by} if builder == "text" else {}
     names = [str(f) for f in files]
     try:
-        ds = datasets.load_dataset(builder, data_files={split: names}, split=split, **kwargs)
+        with quiet_builder_errors(builder):
+            ds = datasets.load_dataset(builder, data_files={split: names}, split=split, **kwargs)
+        if builder == "json":  # pyarrow's JSON reader keeps non-UTF-8 bytes: fail here, not mid-training
+            ds.data.table.validate(full=True)
     except Exception as e:  # noqa: BLE001 - anything the builder raises is a problem with the file
-        raise DataError(f"could not read {builder} file(s) {names} for split '{split}': "
-                        f"{type(e).__name__}: {e}") from e
+        raise explain_load_failure(files, builder, split, e) from e
     if len(ds) == 0:
         raise DataError(f"split '{split}' loaded from {names} has 0 rows")
     return ds
