@@ -23,3 +23,7 @@ class MissingExtraError(RltError, ImportError):
 
 class DependencyError(RltError):
     """An installed dependency is not the version rlt is built against, or lacks an internal rlt patches."""
+
+
+class RunEnvironmentError(RltError):
+    """The machine or process environment stops the run (e.g. no free TCP port); the message names what to set."""

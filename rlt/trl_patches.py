@@ -99,6 +99,8 @@ HOOKS: tuple[Hook, ...] = (
          "is_zero3 / is_fsdp: which tensors TRL only lends and must be copied"),
     Hook(_VLLM_GENERATION, "_llm_weights_sleeping", "instance attribute", "uses", f"{_COLOCATED}._init_vllm",
          "set as TRL's _init_vllm sets it: TRL's generate and sync_weights wake the weights by it"),
+    Hook("trl.trainer.utils", "ensure_master_addr_port", "function", "uses", f"{_COLOCATED}._export_rank_environment",
+         "a launcher's MASTER_ADDR/PORT as TRL keeps them; a single process picks its own (TRL's probe gives 29500)"),
     Hook(_VLLM_GENERATION, "_init_vllm", "method", "override", _SERVER,
          "connects VLLMServerClient (several servers, weight sync without NCCL) instead of TRL's VLLMClient"),
     # HF generate, not TRL: the recorder is swapped into the policy's generate while TRL samples with it

