@@ -77,7 +77,38 @@ def last_complete_checkpoint(output_dir: str | Path, *, remove_incomplete: bool 
         elif remove_incomplete:
             log.warning("removing incomplete checkpoint %s (the run was stopped while saving it)", d)
             shutil.rmtree(d, ignore_errors=True)
-    return str(max(steps)[1]) if steps else None
+    for step, d in sorted(steps, reverse=True):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return str(d)
+        earlier = [str(e.name) for s, e in steps if s < step]
+        log.warning("%s is corrupt (%s): %s", d, problem,
+                    f"the previous complete checkpoint, {max(earlier)}, is used instead" if earlier else
+                    "no earlier complete checkpoint: the run starts over")
+        if remove_incomplete:  # out of the Trainer's sight (its rotation and resume look for checkpoint-N)
+            os.replace(d, d.with_name(f"corrupt-{d.name}"))
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What makes a checkpoint marked complete unloadable (None: nothing found): its trainer_state.json does not
+    parse, or a safetensors file is shorter than its header says (a disk that filled up, a bad copy)."""
+    d = Path(checkpoint)
+    try:
+        json.loads((d / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json: {type(e).__name__}"
+    for f in d.glob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size < 8 + n + end:
+                return f"{f.name} is truncated ({f.stat().st_size} of {8 + n + end} bytes)"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{f.name}: {type(e).__name__}"
+    return None
 
 
 class CompleteCheckpointCallback(TrainerCallback):
@@ -89,27 +120,3 @@ class CompleteCheckpointCallback(TrainerCallback):
             if ckpt.is_dir():
                 mark_complete(ckpt)
         return control
-
-
-def completed_summary(output_dir: str | Path, max_steps: int, *, needs_final: bool) -> dict | None:
-    """The `summary.json` of a run that already finished: its last complete checkpoint is at `max_steps` (> 0) and
-    the summary (and, when `needs_final`, `final/`) were written after it. None otherwise.
-
-    Why: the HF Trainer, resumed from a checkpoint at `max_steps`, trains one more step before it checks the step
-    count (it enters the unfinished epoch first), so re-running a finished command would change its result.
-    """
-    output_dir = Path(output_dir)
-    summary_file = output_dir / "summary.json"
-    if max_steps <= 0 or not summary_file.is_file() or (needs_final and not (output_dir / "final").is_dir()):
-        return None
-    ckpt = last_complete_checkpoint(output_dir, remove_incomplete=False)
-    if ckpt is None:
-        return None
-    try:
-        step = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
-        summary = json.loads(summary_file.read_text())
-    except (OSError, ValueError, KeyError):
-        return None
-    if step < max_steps or summary.get("global_step") != step:
-        return None
-    return summary

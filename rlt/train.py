@@ -25,13 +25,18 @@ PRINT_CONFIG_FLAG = "--print-config"
 
 
 def resolve_output_dir(run) -> str:
-    """`output_dir` if set, else the Hydra job dir (`results/<run_name>`, or the multirun job's own subdir)."""
-    if run.output_dir:
-        return run.output_dir
+    """`output_dir` if set, else the Hydra job dir (`results/<run_name>`, or the multirun job's own subdir). In a
+    multirun sweep an explicit `output_dir` gets the job's subdir too: two jobs never share a run dir."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    if HydraConfig.initialized():
-        return HydraConfig.get().runtime.output_dir
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if run.output_dir:
+        if hydra is not None and hydra.mode == RunMode.MULTIRUN:
+            return os.path.join(run.output_dir, os.path.relpath(hydra.runtime.output_dir, hydra.sweep.dir))
+        return run.output_dir
+    if hydra is not None:
+        return hydra.runtime.output_dir
     return os.path.join(run.results_dir, run.run_name)
 
 
@@ -42,22 +47,35 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
     if print_config:
         sys.stdout.write(to_yaml(run))
         return None
+    import contextlib
     import importlib
 
-    from rlt.checkpoints import completed_summary
     from rlt.memcheck import check_before_training
-
-    if run.resume and not run.resume_from and (done := completed_summary(
-            run.output_dir, run.max_steps, needs_final=run.save_final_model)) is not None:
-        print(f"rlt: {run.output_dir} already finished {done['global_step']} of max_steps={run.max_steps} steps; "
-              "nothing to do (raise max_steps to train on, or use a new run_name / output_dir)", flush=True)
-        return done
     from rlt.models import check_local_paths
+    from rlt.run_dir import RunLock, check_free_space, ensure_writable, finish_from_checkpoint, open_run
 
     check_local_paths(run)
-    check_before_training(run)
-    recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
-    return recipe.train(run)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        ensure_writable(run.output_dir)
+    with RunLock(run.output_dir) if is_main else contextlib.nullcontext():
+        state = open_run(run, is_main=is_main)  # the run dir's config, checkpoints and logs agree with this run
+        if state.action == "done":
+            print(f"rlt: {run.output_dir} already finished {state.summary['global_step']} of max_steps="
+                  f"{run.max_steps} steps; nothing to do (raise max_steps to train on, or use a new run_name / "
+                  "output_dir)", flush=True)
+            return state.summary
+        if state.action == "finish":
+            summary = finish_from_checkpoint(run, state, is_main=is_main)
+            print(f"rlt: {run.output_dir} had trained all {summary['global_step']} steps but was stopped during its "
+                  f"final save: final model and summary completed from {state.checkpoint}, nothing trained",
+                  flush=True)
+            return summary
+        if is_main and state.action == "start":
+            check_free_space(run)
+        check_before_training(run)
+        recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
+        return recipe.train(run)
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -98,10 +116,13 @@ def check_overrides(overrides: list[str], *, multirun: bool) -> None:
         return
     plain = [o for o in overrides if not is_hydra(o)]
     jobs = sweep_jobs(plain) if multirun else [plain]
+    from rlt.run_dir import check_creatable
+
     problems = []
     for index, job in enumerate(jobs):
         try:
-            compose(overrides=[*job, *filter(is_hydra, overrides)])
+            run = compose(overrides=[*job, *filter(is_hydra, overrides)])
+            check_creatable(run.output_dir or os.path.join(run.results_dir, run.run_name))  # Hydra creates it next
         except RltError as e:
             problems.append((index, job, str(e)))
     if not problems:
@@ -137,9 +158,14 @@ def main() -> None:
             run_training(cfg, print_config=print_config)
         except RltError as e:
             sys.stderr.write(f"\nrlt: {e}\n")
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
 
-    _main()
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, generation set-up): nothing to save
+        sys.stderr.write("\nrlt: interrupted (Ctrl-C) before a step could be saved; the same command starts again "
+                         "from the last complete checkpoint, if any\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

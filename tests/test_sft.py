@@ -68,6 +68,7 @@ def test_last_complete_checkpoint_skips_and_removes_incomplete(tmp_path):
         d.mkdir()
         if complete:
             (d / COMPLETE_MARKER).write_text("ok\n")
+            (d / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
     assert not (tmp_path / "checkpoint-30").exists()
     assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -45,7 +45,9 @@ class RunSection:
     logging_steps: int = 1
     save_steps: int = 50  # checkpoint every N optimizer steps
     save_total_limit: int | None = 3
-    resume: bool = True  # continue from the last complete checkpoint in output_dir
+    # true: continue from the last complete checkpoint in output_dir, if its config allows (docs/runs.md); force:
+    # also with settings that change what is trained (recorded); false: start fresh (refused in a dir holding a run)
+    resume: Any = True
     resume_from: str | None = None  # explicit checkpoint dir (wins over `resume`)
     save_final_model: bool = True  # model + tokenizer in ${output_dir}/final
     memcheck: bool = True  # estimate peak GPU memory before loading weights; refuse a run that does not fit
@@ -57,6 +59,8 @@ class RunSection:
 
     def problems(self) -> list[str]:
         errors: list[str] = []
+        if self.resume not in (True, False, "force"):
+            errors.append(f"resume={self.resume!r} must be true, false or force")
         if not self.run_name.strip() or "/" in self.run_name:
             errors.append(f"run_name={self.run_name!r} must be a non-empty name without '/'")
         for r in self.report_to:

@@ -13,19 +13,18 @@ import torch
 from transformers import EarlyStoppingCallback, set_seed
 
 from rlt.checkpoints import CompleteCheckpointCallback, atomic_write_text, last_complete_checkpoint
-from rlt.config import to_yaml
 from rlt.errors import ConfigError
 from rlt.models import load_model, load_tokenizer, make_lora_config
+from rlt.stop import GracefulStop, raise_if_stopped
 from rlt.tracking import JsonlMetricsCallback, configure_reporting
 
 log = logging.getLogger(__name__)
 
 
 def prepare_run_dir(run) -> Path:
-    """Create the run dir, save the validated config in it, and seed everything."""
+    """The run dir (its config.yaml is written by `rlt.run_dir.open_run`, which checked it), and seed everything."""
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(run))
     set_seed(run.seed)
     return out
 
@@ -121,15 +120,34 @@ def training_args_kwargs(run, out: Path, *, has_eval: bool) -> dict:
 
 
 def callbacks_for(run, out: Path) -> list:
-    callbacks = [CompleteCheckpointCallback(), JsonlMetricsCallback(out / "metrics.jsonl")]
+    callbacks = [CompleteCheckpointCallback(), JsonlMetricsCallback(out / "metrics.jsonl"), GracefulStop()]
     if run.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=run.early_stopping_patience))
     return callbacks
 
 
+def train(trainer, resume: str | None, out: Path):
+    """`trainer.train` from `resume`. A signal ends it with `RunStopped` once its checkpoint is saved (`rlt.stop`);
+    a full disk with one line naming the step, the free space and the checkpoint kept."""
+    import errno
+
+    from rlt.errors import RltError
+    from rlt.run_dir import no_space_message
+
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except (OSError, RuntimeError) as e:  # torch.save / safetensors report a full disk as RuntimeError
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        raise RltError(no_space_message(out, trainer.state.global_step, None)) from None
+    raise_if_stopped(trainer, str(out))
+    return result
+
+
 def resume_checkpoint(run, out: Path) -> str | None:
-    """`resume_from` if given, else the last complete checkpoint of this run dir (when `resume` is on)."""
-    ckpt = run.resume_from or (last_complete_checkpoint(out) if run.resume else None)
+    """`resume_from` if given, else the last complete checkpoint of this run dir (unless ``resume=false``); the one
+    `rlt.run_dir.open_run` checked."""
+    ckpt = run.resume_from or (last_complete_checkpoint(out) if run.resume is not False else None)
     if ckpt:
         log.info("resuming from %s", ckpt)
     return ckpt

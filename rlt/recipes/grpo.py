@@ -58,7 +58,7 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
         on_trainer(trainer)
 
     resume = common.resume_checkpoint(run, out)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = common.train(trainer, resume, out)
     summary = {"run_name": run.run_name, "output_dir": str(out), "resumed_from": resume,
                "global_step": trainer.state.global_step, "train_loss": result.training_loss}
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]

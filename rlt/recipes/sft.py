@@ -46,7 +46,7 @@ def train(run: SFTRunConfig) -> dict:
     summary: dict = {"run_name": run.run_name, "output_dir": str(out), "resumed_from": resume}
     if accuracy_problems and resume is None:
         summary["accuracy_before"] = _accuracy(trainer.model, tokenizer, accuracy_problems, run)
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = common.train(trainer, resume, out)
     summary.update(global_step=trainer.state.global_step, train_loss=result.training_loss)
 
     # ---- evaluate, save, report
