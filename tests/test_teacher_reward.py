@@ -671,7 +671,7 @@ def test_docstring_examples_of_the_pure_functions_hold():
     import importlib
 
     for name in ("rlt.rewards.teacher_math", "rlt.config.checks", "rlt.config.grpo", "rlt.config.rlt", "rlt.models",
-                 "rlt.generation.sampling", "rlt.cli", "rlt.run_dir"):
+                 "rlt.generation.sampling", "rlt.cli", "rlt.run_dir", "rlt.rewards.gsm8k"):
         result = doctest.testmod(importlib.import_module(name))
         assert result.failed == 0 and result.attempted > 0, (name, result)
 

@@ -106,6 +106,9 @@ class GRPOSection:
             errors.append(f"a generation round of per_device_train_batch_size {self.per_device_train_batch_size} "
                           f"× world size {self.world_size()} × generation_aggregation_steps {g or ga} = {n} "
                           f"completions is not a multiple of num_generations={self.num_generations}")
+        if self.eval_steps and not self.eval_split:
+            errors.append(f"eval_steps={self.eval_steps} validates on held-out prompts, but eval_split is null: name "
+                          "the split to validate on (e.g. eval_split=test), or set eval_steps=null")
         if self.eval_steps and (self.per_device_eval_batch_size * self.world_size()) % self.num_generations:
             errors.append(f"per_device_eval_batch_size={self.per_device_eval_batch_size} × world size "
                           f"{self.world_size()} must be a multiple of num_generations={self.num_generations}")

@@ -40,9 +40,14 @@ class RunSection:
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["wandb"])  # wandb | tensorboard | none
     wandb_project: str = "rlt"
-    wandb_group: str | None = None
+    wandb_group: str | None = None  # null = the sweep (one group per multirun), none for a single run
     wandb_mode: str | None = None  # null = online if credentials exist, else offline (never prompts)
+    wandb_tags: list[str] = field(default_factory=list)  # added to the tags from the run (algorithm, run file, model)
     logging_steps: int = 1
+    verbose: bool = False  # show third-party progress bars and warnings (dataset map/filter bars, known noise)
+    samples_every: int = 10  # every N logged steps, a few scored samples to samples.jsonl / wandb (0 = never)
+    samples_per_dump: int = 4  # rows per dump: prompt, completion, reward and each reward term
+    plots: bool = True  # plots/*.png of the run's metrics at the end of the run (python -m rlt.report)
     save_steps: int = 50  # checkpoint every N optimizer steps
     save_total_limit: int | None = 3
     # true: continue from the last complete checkpoint in output_dir, if its config allows (docs/runs.md); force:
@@ -68,6 +73,9 @@ class RunSection:
         if self.wandb_mode is not None:
             one_of(errors, "wandb_mode", self.wandb_mode, WANDB_MODES)
         positive(errors, "logging_steps", self.logging_steps)
+        if self.samples_every < 0:
+            errors.append(f"samples_every={self.samples_every} must be >= 0 (0 = no samples)")
+        positive(errors, "samples_per_dump", self.samples_per_dump)
         positive(errors, "save_steps", self.save_steps)
         positive(errors, "save_total_limit", self.save_total_limit, allow_none=True)
         if self.memcheck_gpu_memory is not None:
@@ -174,7 +182,8 @@ class OptimSection:
     per_device_eval_batch_size: int = 8
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | no
     gradient_checkpointing: bool = False
-    # evaluate every N steps (null: SFT only at the end if there is eval data; GRPO/RLT never)
+    # evaluate every N steps (null: SFT only at the end if there is eval data; GRPO/RLT: no validation). GRPO/RLT:
+    # held-out reward per reward function (+ GSM8K accuracy, teacher reward terms) on eval_split
     eval_steps: int | None = None
     eval_on_start: bool = False  # evaluate before the first step (shows the starting loss)
     early_stopping_patience: int | None = None  # stop after N evals without eval_loss improvement

@@ -335,7 +335,23 @@ def correctness_reward(completions: Sequence[Any], answer: Sequence[Any] | str, 
     references = [answer] * len(completions) if isinstance(answer, str) else list(answer)
     if len(references) != len(completions):
         raise ValueError(f"correctness reward: {len(completions)} completions but {len(references)} answers")
-    return [grade_completion(c, ref)[0] for c, ref in zip(completions, references, strict=True)]
+    scores = [grade_completion(c, ref)[0] for c, ref in zip(completions, references, strict=True)]
+    if kwargs.get("log_metric") is not None and scores:  # TRL's: train and eval (eval_gsm8k/...) alike
+        for name, value in accuracy_metrics(scores).items():
+            kwargs["log_metric"](name, value)
+    return scores
+
+
+def accuracy_metrics(scores: Sequence[float]) -> dict[str, float]:
+    """GSM8K accuracy of sampled completions from their correctness scores: ``gsm8k/accuracy`` = the right number
+    anywhere (score >= 1), ``gsm8k/strict_accuracy`` = inside the answer tags (score 2), as `rlt.evaluate` counts.
+
+    >>> accuracy_metrics([2.0, 1.0, 0.0, 2.0])
+    {'gsm8k/accuracy': 0.75, 'gsm8k/strict_accuracy': 0.5}
+    """
+    n = len(scores)
+    return {"gsm8k/accuracy": sum(s >= 1.0 for s in scores) / n,
+            "gsm8k/strict_accuracy": sum(s >= 2.0 for s in scores) / n}
 
 
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
