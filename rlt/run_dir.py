@@ -35,7 +35,8 @@ LOCK_FILE = ".rlt.lock"
 # Keys that change how far a run goes or how it is observed, placed or computed, not what it trains: a resume may
 # change them (recorded in config_history.jsonl). Every other key differing from the run's config stops a resume.
 OBSERVATIONAL = frozenset({
-    "max_steps", "num_train_epochs", "run_name", "results_dir", "output_dir", "resume", "resume_from",
+    "max_steps", "num_train_epochs", "run_name", "results_dir", "output_dir", "resume", "resume_from", "verbose",
+    "samples_every", "samples_per_dump", "plots", "wandb_tags",
     "save_final_model", "report_to", "wandb_project", "wandb_group", "wandb_mode", "logging_steps", "save_steps",
     "save_total_limit", "eval_steps", "eval_on_start", "per_device_eval_batch_size", "max_eval_samples",
     "eval_accuracy_samples", "eval_max_new_tokens", "log_completions", "logging_prob",
@@ -231,9 +232,9 @@ def _read_json(path: Path) -> dict | None:
 
 def forget_after(run_dir: str | Path, step: int) -> int:
     """Drop what was logged after global step `step` (the checkpoint a run resumes from; 0 = a fresh start): the
-    `metrics.jsonl` records of later steps, and the RLT samples written while training the steps after it
-    (`stored_completions/step_K.csv`, `teacher_chats/log.txt` blocks with K >= step: K is the step count when the
-    rows were scored). Returns how many metric records were dropped."""
+    `metrics.jsonl` and `samples.jsonl` records of later steps, and the RLT samples written while training the steps
+    after it (`stored_completions/step_K.csv`, `teacher_chats/log.txt` blocks with K >= step: K is the step count
+    when the rows were scored). Returns how many metric records were dropped."""
     run_dir = Path(run_dir)
     dropped = 0
     metrics = run_dir / "metrics.jsonl"
@@ -245,6 +246,12 @@ def forget_after(run_dir: str | Path, step: int) -> int:
             atomic_write_text(metrics, kept)
             log.info("metrics.jsonl: dropped %d record(s) logged after step %d by an interrupted attempt", dropped,
                      step)
+    samples = run_dir / "samples.jsonl"
+    if samples.is_file():
+        lines = samples.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(samples, kept)
     for csv_file in (run_dir / "stored_completions").glob("step_*.csv"):
         if int(csv_file.stem.split("_")[1]) >= step:
             csv_file.unlink()

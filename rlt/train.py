@@ -3,6 +3,7 @@
     python -m rlt.train                                    # the embedded default (run_cfg=demo)
     python -m rlt.train run_cfg=tiny_sft max_steps=3       # any key by its short name
     python -m rlt.train -m run_cfg=tiny_sft learning_rate=1e-3,3e-3   # Hydra multirun sweep, one dir per job
+                                                           # (multirun/learning_rate=0.001, ...: the swept keys)
     python -m rlt.train run_cfg=tiny_sft --print-config    # validate and print the resolved config, then exit
 
 Config mistakes (unknown keys, wrong types, impossible values, missing data columns, ...) end the program with one
@@ -11,11 +12,14 @@ readable message and exit status 2; a traceback means a bug in rlt. Runs, run di
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlt.compose import CONFIG_DIR, compose
 from rlt.config import register_defaults, to_yaml, validate
@@ -74,8 +78,22 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         if is_main and state.action == "start":
             check_free_space(run)
         check_before_training(run)
+        from rlt.console import configure_noise
+
+        configure_noise(run.verbose)  # before the recipe imports TRL (and TRL vLLM, with its import-time messages)
         recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
-        return recipe.train(run)
+        from rlt.tracking import finish_reporting
+
+        exit_code = 1
+        try:
+            summary = recipe.train(run)
+            exit_code = 0
+            return summary
+        except RltError as e:
+            exit_code = getattr(e, "exit_code", 2)
+            raise
+        finally:  # the job's wandb run ends here, failed on an error: the next job of a sweep starts its own
+            finish_reporting(exit_code)
 
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -97,6 +115,98 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
     except Exception as e:  # hydra's OverrideParseException / HydraException
         raise ConfigError(f"cannot read the sweep: {str(e).splitlines()[0]}") from None
+
+
+SWEEP_ENV = "RLT_SWEEP"  # set by main() in a multirun: {"keys": the swept keys, "hashed": bool} (JSON)
+JOB_DIR_RESOLVER = "rlt_job_dir"  # cfgs/train.yaml: hydra.sweep.subdir: ${rlt_job_dir:${hydra.overrides.task}}
+PLACEMENT_KEYS = ("results_dir", "output_dir")  # where a run goes is not part of its name
+
+
+def parse_job_overrides(overrides) -> list[tuple[str, object, str]]:
+    """(key, value, value as text) of each override of one job (no sweeps), Hydra's own overrides left out.
+
+    ['learning_rate=0.001', "+x='a b'"] -> [('learning_rate', 0.001, '0.001'), ('x', 'a b', 'a b')]
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = []
+    for o in OverridesParser.create().parse_overrides([str(x) for x in overrides]):
+        key = o.key_or_group + (f"@{o.package}" if o.package else "")
+        if key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        value = None if o.is_delete() else o.value()
+        parsed.append((key, value, value if isinstance(value, str) else o.get_value_element_as_str()))
+    return parsed
+
+
+def swept_keys(jobs: list[list[str]]) -> list[str]:
+    """The keys whose values differ between the jobs of a sweep (`sweep_jobs`), in command-line order.
+
+    [['lr=1', 'seed=0'], ['lr=2', 'seed=0']] -> ['lr']
+    """
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for key, _, text in parse_job_overrides(job):
+            values.setdefault(key, set()).add(text)
+    return [key for key, texts in values.items() if len(texts) > 1]
+
+
+def job_dir_name(overrides, keys: list[str] | None, *, hashed: bool = False) -> str:
+    """The dir of one sweep job (under the sweep dir): `key=value` of its swept `keys`, joined by ','.
+
+    Path-safe: brackets and quotes dropped, a leading '/' dropped, path separators and any other character outside
+    [A-Za-z0-9._,=+@%-] replaced by '_' ('dataset_id_or_path=/data/x.jsonl' -> 'dataset_id_or_path=data_x.jsonl').
+    `keys` None (another sweeper plugin: not known) or empty (a sweep of one job): every override of the job but
+    results_dir / output_dir; none at all: 'default'. `hashed` (two jobs of the sweep would share a name) or a name
+    over 120 characters: cut to 111 and a hash of the full `key=value` text appended.
+    """
+    pairs = [(key, text) for key, _, text in parse_job_overrides(overrides)]
+    chosen = [(k, t) for k, t in pairs if k in keys] if keys else [(k, t) for k, t in pairs if k not in PLACEMENT_KEYS]
+    name = ",".join(f"{_path_safe(k)}={_path_safe(t)}" for k, t in chosen) or "default"
+    if hashed or len(name) > 120:
+        text = ",".join(f"{k}={t}" for k, t in chosen)
+        name = f"{name[:111]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _path_safe(text: str) -> str:
+    text = re.sub(r"[\[\]{}()'\"]", "", text).lstrip("/\\")
+    return re.sub(r"[^A-Za-z0-9._,=+@%-]+", "_", text)
+
+
+def current_sweep() -> dict | None:
+    """{"keys": [...], "hashed": bool} of the running multirun, as `main()` set it (None: not known)."""
+    raw = os.environ.get(SWEEP_ENV)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _job_dir(task_overrides) -> str:
+    sweep = current_sweep() or {}
+    return job_dir_name(list(task_overrides), sweep.get("keys"), hashed=bool(sweep.get("hashed")))
+
+
+def register_resolvers() -> None:
+    """`${rlt_job_dir:...}`, which names each sweep job's dir in cfgs/train.yaml (`job_dir_name`)."""
+    OmegaConf.register_new_resolver(JOB_DIR_RESOLVER, _job_dir, replace=True)
+
+
+def announce_sweep(overrides: list[str]) -> None:
+    """Tell the jobs of this multirun which keys it sweeps (`SWEEP_ENV`): their dir names, wandb names and group.
+    Unknown (left unset) for another sweeper plugin or overrides Hydra's basic sweeper cannot expand."""
+    os.environ.pop(SWEEP_ENV, None)
+    if any(o.lstrip("+~").startswith(("hydra/sweeper", "hydra.sweeper")) for o in overrides):
+        return
+    try:
+        jobs = sweep_jobs([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    except RltError:
+        return
+    keys = swept_keys(jobs)
+    distinct = {tuple(job) for job in jobs}
+    hashed = len({job_dir_name(job, keys) for job in distinct}) < len(distinct)
+    os.environ[SWEEP_ENV] = json.dumps({"keys": keys, "hashed": hashed})
 
 
 def check_overrides(overrides: list[str], *, multirun: bool) -> None:
@@ -142,15 +252,20 @@ def main() -> None:
         sys.argv.remove(PRINT_CONFIG_FLAG)
 
     register_defaults()
+    register_resolvers()
     args = sys.argv[1:]
+    multirun = any(a in MULTIRUN_FLAGS for a in args)
+    overrides = [a for a in args if a not in MULTIRUN_FLAGS]
+    os.environ.pop(SWEEP_ENV, None)
     # plain override lists only: other Hydra flags (--cfg, --config-name, --info, ...) are Hydra's to handle
     if all(a in MULTIRUN_FLAGS or (not a.startswith("-") and "=" in a) for a in args):
         try:
-            check_overrides([a for a in args if a not in MULTIRUN_FLAGS],
-                            multirun=any(a in MULTIRUN_FLAGS for a in args))
+            check_overrides(overrides, multirun=multirun)
         except RltError as e:
             sys.stderr.write(f"\nrlt: {e}\n")
             sys.exit(2)
+        if multirun:
+            announce_sweep(overrides)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
     def _main(cfg: DictConfig) -> None:

@@ -276,7 +276,11 @@ class GRPOTrainer(TRLGRPOTrainer):
         if self.passes_sampling_logprobs and logprobs is not None and len(logprobs) == len(inputs):
             inputs = [{**row, "sampling_logprobs": lp, "sampling_temperature": self.temperature}
                       for row, lp in zip(inputs, logprobs, strict=True)]
-        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        from rlt.samples import offer_scored
+
+        offer_scored(self, prompts, completions, rewards_per_func)  # rows with each function's reward: samples.jsonl
+        return rewards_per_func
 
     # ---- 4. the reference model offloaded to CPU between its forwards (offload_untrained_models)
 

@@ -67,7 +67,8 @@ HOOKS: tuple[Hook, ...] = (
     Hook(_TRAINER, "_generate", "method", "override", _OURS,
          "[2] keeps a round's sampling log-probs (the 5th item of its result) for the rewards"),
     Hook(_TRAINER, "_calculate_rewards", "method", "override", _OURS,
-         "[2] passes sampling_logprobs and sampling_temperature to every reward function"),
+         "[2] passes sampling_logprobs and sampling_temperature to every reward function; offers the scored rows "
+         "to rlt.samples"),
     Hook(_TRAINER, "_save_checkpoint", "method", "override", _OURS,
          "[3] writes the synced reference model (ref_model.safetensors) into each checkpoint"),
     Hook(_TRAINER, "train", "method", "override", _OURS,
@@ -86,6 +87,8 @@ HOOKS: tuple[Hook, ...] = (
          "[1] logs the sampling/* metrics TRL logs for its own ratio"),
     Hook(_TRAINER, "_get_output_dir", "method", "uses", f"{_OURS}._save_checkpoint",
          "[3] the folder of the checkpoint being written"),
+    Hook(_TRAINER, "_logs", "instance attribute", "uses", "rlt.samples.SamplesRecorder._advantages",
+         "the advantages TRL keeps of its last round for log_completions, in samples.jsonl rows"),
     # the vLLM generation backends (rlt.generation), built by TRL's GRPOTrainer.__init__ through a module global
     Hook(_GRPO, "VLLMGeneration", "class", "swap", "rlt.trl_patches.vllm_generation_swapped",
          "TRL has no factory hook: use_colocated_vllm / use_vllm_servers build our backend classes through it"),

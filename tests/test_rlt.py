@@ -2,6 +2,7 @@
 tokenizer check, completion/chat sampling to disk, and validation of the RLT keys."""
 
 import csv
+import re
 
 import pytest
 
@@ -38,12 +39,18 @@ def test_teacher_grpo_three_steps_hf(compose, tmp_path, capsys):
         assert r["reward"] == pytest.approx(r["teacher_kl/reward"], abs=1e-4)
         assert r["teacher_kl/reused_sampling_logprobs"] > 0  # recorded during HF generate: no teacher forward
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert len(lines) == 3 and "log-prob term" in lines[0] and "kl term" in lines[0]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]  # rlt.console
+    assert "| log-prob term " in lines[0] and ", kl term " in lines[0] and " s/step (gen " in lines[0]
     with open(tmp_path / "stored_completions" / "step_0.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and rows[0]["prompt"].endswith("<|begin_of_explanation|>\n\n")
+    for row in rows:  # each row with the reward's terms
+        t = {k: float(row[k]) for k in ("reward", "log_prob_term", "kl_term", "match_reward", "explanation_tokens")}
+        assert t["reward"] == pytest.approx(t["log_prob_term"] - t["kl_term"] + t["match_reward"], abs=1e-4)
     chats = (tmp_path / "teacher_chats" / "log.txt").read_text()
     assert "<|begin_of_thought|>" in chats and "<|begin_of_solution|>" in chats
+    assert re.search(r"(?m)^=== step 0 reward -?\d+\.\d{4} log_prob_term -?\d+\.\d{4} kl_term -?\d+\.\d{4} "
+                     r"match_reward -?\d+\.\d{4} explanation_tokens \d+$", chats), chats[:300]
 
 
 def test_hf_sampling_logprobs_score_as_the_teacher_forward(compose, tmp_path):

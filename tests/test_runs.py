@@ -98,9 +98,11 @@ def test_each_step_once_in_metrics_after_a_resume(compose, tmp_path):
 
 
 def test_forget_after_drops_later_records_and_samples(tmp_path):
-    """Records of steps after the checkpoint go; RLT rows scored at step count K >= the checkpoint's step go too
-    (they were scored while training step K + 1)."""
+    """Records of steps after the checkpoint go (metrics.jsonl, samples.jsonl); RLT rows scored at step count
+    K >= the checkpoint's step go too (they were scored while training step K + 1)."""
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.5}) + "\n"
+                                                    for s in (1, 1, 2, 2, 3, 3)))
     samples = tmp_path / "stored_completions"
     samples.mkdir()
     for k in (0, 1, 2):
@@ -110,6 +112,7 @@ def test_forget_after_drops_later_records_and_samples(tmp_path):
                                                         "=== step 2 reward 3\nc\n")
     assert forget_after(tmp_path, 2) == 1
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_metrics(tmp_path / "samples.jsonl")] == [1, 1, 2, 2]  # rows of steps <= 2 kept
     assert sorted(p.name for p in samples.iterdir()) == ["step_0.csv", "step_1.csv"]
     assert (tmp_path / "teacher_chats" / "log.txt").read_text() == "=== step 0 reward 1\na\n=== step 1 reward 2\nb\n"
 

@@ -36,8 +36,9 @@ def test_grpo_validation_every_eval_steps(compose, tmp_path):
 
 def test_rlt_validation_scores_held_out_rows(compose, tmp_path):
     run_training(compose(["run_cfg=teacher_rlt_tiny", "max_steps=2", "save_steps=2", "eval_steps=2",
-                          "max_eval_samples=4", "eval_split=test", "train_batch_size=8", "per_device_train_batch_size=4",
-                          "per_device_eval_batch_size=4", "num_generations=4", "max_completion_length=16",
+                          "max_eval_samples=4", "eval_split=test", "train_batch_size=8",
+                          "per_device_train_batch_size=4", "per_device_eval_batch_size=4", "num_generations=4",
+                          "max_completion_length=16",
                           "report_to=[none]", f"output_dir={tmp_path}"]))
     (r,) = _evals(tmp_path)
     assert r["step"] == 2

@@ -12,17 +12,20 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, set_seed
 
+from rlt import console
 from rlt.checkpoints import CompleteCheckpointCallback, atomic_write_text, last_complete_checkpoint
 from rlt.errors import ConfigError
 from rlt.models import load_model, load_tokenizer, make_lora_config
 from rlt.stop import GracefulStop, raise_if_stopped
-from rlt.tracking import JsonlMetricsCallback, configure_reporting
+from rlt.tracking import JsonlMetricsCallback, configure_reporting, tracking_callbacks
 
 log = logging.getLogger(__name__)
 
 
 def prepare_run_dir(run) -> Path:
-    """The run dir (its config.yaml is written by `rlt.run_dir.open_run`, which checked it), and seed everything."""
+    """The run dir (its config.yaml is written by `rlt.run_dir.open_run`, which checked it), seed everything, and
+    quiet third-party output unless ``verbose`` (`rlt.console.configure_noise`)."""
+    console.configure_noise(run.verbose)
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(run.seed)
@@ -112,18 +115,21 @@ def training_args_kwargs(run, out: Path, *, has_eval: bool) -> dict:
         load_best_model_at_end=early_stop,
         metric_for_best_model="eval_loss" if early_stop else None,
         logging_steps=run.logging_steps,
-        report_to=configure_reporting(run.report_to, output_dir=str(out), project=run.wandb_project,
-                                      group=run.wandb_group, run_name=run.run_name, mode=run.wandb_mode),
+        disable_tqdm=True,  # the console prints one line per logged step instead (`rlt.console`)
+        report_to=configure_reporting(run, str(out)),
         run_name=run.run_name,
         use_cpu=not torch.cuda.is_available(),
     )
 
 
 def callbacks_for(run, out: Path) -> list:
-    callbacks = [CompleteCheckpointCallback(), JsonlMetricsCallback(out / "metrics.jsonl"), GracefulStop()]
+    """The callbacks every recipe uses; the console line first (it adds ``timing/*`` to the logged record that
+    metrics.jsonl then writes)."""
+    callbacks = [console.ConsoleLine(), CompleteCheckpointCallback(), JsonlMetricsCallback(out / "metrics.jsonl"),
+                 GracefulStop()]
     if run.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=run.early_stopping_patience))
-    return callbacks
+    return callbacks + tracking_callbacks(run)
 
 
 def train(trainer, resume: str | None, out: Path):
@@ -172,15 +178,24 @@ def save_final(trainer, tokenizer, final_dir: Path) -> str:
     return str(final_dir)
 
 
-def finish(summary: dict, out: Path, lines: list[str]) -> dict:
-    """Write summary.json and print the user-facing report (run dir, the given result lines, where things are);
-    on the main process only."""
+def finish(summary: dict, out: Path, lines: list[str], run=None) -> dict:
+    """Write summary.json (the recipe's results + `rlt.report.run_summary`: swept keys, hyperparameters, first /
+    last / best / mean of the last values of each main metric, validation, wall time), the run's plots (when
+    ``plots`` is on) and print the user-facing report (run dir, the given result lines, where things are); on the
+    main process only."""
     if int(os.environ.get("RANK", "0")) != 0:
         return summary
+    from rlt import report
+
+    summary = {**report.run_summary(out), **summary}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    report = [f"done:         {summary['global_step']} optimizer steps", f"run dir:      {out}", *lines,
-              f"metrics:      {out / 'metrics.jsonl'}", f"checkpoints:  {out}/checkpoint-*"]
+    plots = report.write_plots(out) if run is None or run.plots else []
+    lines = [*lines, *([f"samples:      {out / 'samples.jsonl'}"] if (out / "samples.jsonl").is_file() else [])]
+    report_lines = [f"done:         {summary['global_step']} optimizer steps", f"run dir:      {out}", *lines,
+                    f"metrics:      {out / 'metrics.jsonl'}", f"checkpoints:  {out}/checkpoint-*"]
+    if plots:
+        report_lines.append(f"plots:        {out / 'plots'}/ ({len(plots)}; python -m rlt.report {out} for the page)")
     if "final_model" in summary:
-        report.append(f"final model:  {summary['final_model']}")
-    print("\n".join(["", "=" * 60, *report, "=" * 60]), flush=True)  # noqa: T201 - the user-facing summary
+        report_lines.append(f"final model:  {summary['final_model']}")
+    print("\n".join(["", "=" * 60, *report_lines, "=" * 60]), flush=True)  # noqa: T201 - the user-facing summary
     return summary

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trl import GRPOConfig
 
+from rlt import console, samples
 from rlt.config import GRPORunConfig
 from rlt.data.loading import gsm8k_prompt_dataset
 from rlt.distributed import training_args_overrides
@@ -52,8 +53,10 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                               eval_dataset=eval_ds, processing_class=tokenizer,
                               peft_config=common.peft_config_for(run),
-                              callbacks=[*common.callbacks_for(run, out), *callbacks],
+                              callbacks=[*common.callbacks_for(run, out), *samples.callbacks_for(run, out),
+                                         *callbacks],
                               offload_reference=getattr(run, "offload_untrained_models", False))
+    console.quiet_trainer(trainer)
     if on_trainer is not None:
         on_trainer(trainer)
 
@@ -68,7 +71,7 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
         lines.append(f"reward:       {rewards[0]:.3f} (first step) -> {rewards[-1]:.3f} (last step)")
     if run.save_final_model:
         summary["final_model"] = common.save_final(trainer, tokenizer, out / "final")
-    return common.finish(summary, out, lines)
+    return common.finish(summary, out, lines, run)
 
 
 def grpo_kwargs(run: GRPORunConfig) -> dict:

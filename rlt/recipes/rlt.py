@@ -2,7 +2,7 @@
 explanation; its reward is how well a frozen student then reproduces the solution, minus a KL term (rlt-spec §2).
 
 setup (tokenizer, student tokenizer check → teacher RL prompts → student + reward) → `grpo.fit` with the teacher
-reward linked to the live policy → one line per step with the reward terms → save → summary.
+reward linked to the live policy → one line per step with the reward terms (`rlt.console`) → save → summary.
 
 The student is the trainer's reference model when `student_model` is null (the reference's choice: it follows
 `sync_ref_model`), else a separately loaded frozen model kept on CPU between scoring rounds when
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import random
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 from rlt.config import RLTRunConfig
 from rlt.data.teacher import get_teacher_format, prepare_teacher_datasets, student_chat
@@ -24,6 +23,7 @@ from rlt.models import check_shared_tokenizer, load_tokenizer
 from rlt.recipes import common, grpo
 from rlt.rewards.build import build_reward_funcs
 from rlt.rewards.teacher import TeacherKLReward
+from rlt.samples import TERMS, reward_terms
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,15 @@ def train(run: RLTRunConfig) -> dict:
                 # an offloaded reference goes back to CPU after scoring, like a separate student
                 r.set_student_model(trainer.ref_model, offload=trainer.offloads_reference)
 
-    return grpo.fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs, on_trainer=link,
-                    callbacks=[RewardTermsLine()])
+    return grpo.fit(run, out, tokenizer, train_ds, eval_ds, reward_funcs, on_trainer=link)
 
 
 class CompletionRecorder:
-    """Samples what the teacher reward scored to disk: (prompt, completion, reward) rows with probability
-    `save_probability` to `stored_completions/step_<N>.csv`, and student chats with probability `chat_probability`
-    to `teacher_chats/log.txt` (rlt-spec §2, §3.4). Wraps the reward call: the rows are known only there."""
+    """Samples what the teacher reward scored to disk: (prompt, completion, reward and its terms) rows with
+    probability `save_probability` to `stored_completions/step_<N>.csv`, and student chats with probability
+    `chat_probability` to `teacher_chats/log.txt`, their header line with the same terms (rlt-spec §2, §3.4). Wraps
+    the reward call: the rows are known only there. The terms are `rlt.samples.TERMS` of the reward's `last_terms`
+    (reward = log_prob_term - kl_term + match_reward); N is the step count when the rows were scored."""
 
     def __init__(self, out: Path, tokenizer, fmt, save_probability: float, chat_probability: float, seed: int):
         self.out, self.tokenizer, self.fmt = out, tokenizer, fmt
@@ -90,15 +91,16 @@ class CompletionRecorder:
 
         def recorded(prompts, completions=None, **kwargs):
             rewards = reward(prompts, completions, **kwargs)
-            self.record(prompts, completions, rewards, kwargs)
+            self.record(prompts, completions, rewards, kwargs, reward_terms(reward) or {})
             return rewards
 
         return recorded
 
-    def record(self, prompts, completions, rewards, kwargs) -> None:
+    def record(self, prompts, completions, rewards, kwargs, terms: dict[str, list[float]] | None = None) -> None:
         state = kwargs.get("trainer_state")
         step = state.global_step if state is not None else 0
         texts = completions or [""] * len(prompts)
+        terms = {name: (terms or {}).get(name) or [math.nan] * len(prompts) for name in TERMS}
         rows = [i for i in range(len(prompts)) if self.rng.random() < self.save_probability]
         if rows:
             path = self.out / "stored_completions" / f"step_{step}.csv"
@@ -107,8 +109,9 @@ class CompletionRecorder:
             with open(path, "a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
-                    writer.writerow(["step", "prompt", "completion", "reward"])
-                writer.writerows([step, prompts[i], texts[i], rewards[i]] for i in rows)
+                    writer.writerow(["step", "prompt", "completion", "reward", *TERMS])
+                writer.writerows([step, prompts[i], texts[i], rewards[i], *(terms[t][i] for t in TERMS)]
+                                 for i in rows)
         chats = [i for i in range(len(prompts)) if self.rng.random() < self.chat_probability]
         if chats and kwargs.get("question") and kwargs.get("solution"):
             path = self.out / "teacher_chats" / "log.txt"
@@ -119,18 +122,7 @@ class CompletionRecorder:
                     explanation = texts[i].split(close, 1)[0]
                     chat = student_chat(kwargs["question"][i], explanation, kwargs["solution"][i], self.fmt,
                                         self.tokenizer)
-                    f.write(f"=== step {step} reward {rewards[i]:.4f}\n{chat}\n")
+                    head = " ".join(f"{t} {terms[t][i]:.0f}" if t == "explanation_tokens" else f"{t} {terms[t][i]:.4f}"
+                                    for t in TERMS)
+                    f.write(f"=== step {step} reward {rewards[i]:.4f} {head}\n{chat}\n")
 
-
-class RewardTermsLine(TrainerCallback):
-    """One line per logged step with the teacher reward and its terms (the full set is in metrics.jsonl)."""
-
-    KEYS = (("reward", "reward"), ("teacher_kl/log_prob_term", "log-prob term"), ("teacher_kl/kl_term", "kl term"),
-            ("teacher_kl/match_reward", "match"), ("teacher_kl/unclosed", "unclosed"),
-            ("completions/mean_length", "len"))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs and "reward" in logs:
-            parts = [f"{label} {logs[key]:.4f}" for key, label in self.KEYS if key in logs]
-            print(f"step {state.global_step:>5} | " + " | ".join(parts), flush=True)  # noqa: T201
-        return control

@@ -11,6 +11,7 @@ import math
 
 from trl import SFTConfig, SFTTrainer
 
+from rlt import console
 from rlt.config import SFTRunConfig
 from rlt.data.loading import prepare_gsm8k_eval, prepare_sft_datasets
 from rlt.data.teacher import prepare_teacher_datasets
@@ -40,6 +41,7 @@ def train(run: SFTRunConfig) -> dict:
     trainer = _SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, peft_config=common.peft_config_for(run),
                           callbacks=common.callbacks_for(run, out))
+    console.quiet_trainer(trainer)
 
     # ---- train
     resume = common.resume_checkpoint(run, out)
@@ -67,7 +69,7 @@ def train(run: SFTRunConfig) -> dict:
                      + f"{summary['accuracy_after']:.1%}")
     if run.save_final_model:
         summary["final_model"] = common.save_final(trainer, tokenizer, out / "final")
-    return common.finish(summary, out, lines)
+    return common.finish(summary, out, lines, run)
 
 
 def _datasets(run: SFTRunConfig, tokenizer):
