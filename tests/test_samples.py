@@ -95,6 +95,28 @@ def test_grpo_rows_with_each_reward_function_at_the_logged_steps_and_a_wandb_tab
     assert len(tables) == 3, sorted(p.name for p in tmp_path.rglob("*.table.json"))
     table = json.loads(tables[0].read_text())
     assert table["columns"] == columns and len(table["data"]) == 2
+    _assert_plots_and_summary(tmp_path, summary, ["rewards/correctness/mean", "rewards/length_reward/mean"])
+
+
+def _assert_plots_and_summary(out, summary, terms):
+    """The end of a training run: plots/*.png (non-trivial images of metrics.jsonl's values, tested in detail in
+    tests/test_report.py) and a summary.json with first / last / best / mean of the last values of each term."""
+    from matplotlib.image import imread
+
+    plots = {p.stem: p for p in (out / "plots").glob("*.png")}
+    assert {"reward", "loss"} <= set(plots), sorted(plots)
+    image = imread(plots["reward"])
+    assert image.shape[0] > 100 and image.std() > 0.01  # not one colour
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary, default=str))
+    rewards = [r["reward"] for r in read_metrics(out / "metrics.jsonl") if "reward" in r and "loss" in r]
+    assert saved["metrics"]["reward"]["first"] == pytest.approx(rewards[0])
+    assert saved["metrics"]["reward"]["last"] == pytest.approx(rewards[-1])
+    assert saved["metrics"]["reward"]["best"] == pytest.approx(max(rewards))
+    for term in terms:
+        assert set(saved["metrics"][term]) == {"first", "last", "best", "mean_last"}, term
+    assert saved["steps"] == summary["global_step"] and saved["wall_time_s"] >= 0
+    assert {"learning_rate", "max_steps"} <= set(saved["hyperparameters"])
 
 
 def test_rlt_rows_carry_the_teacher_reward_terms(compose, tmp_path):
@@ -108,6 +130,8 @@ def test_rlt_rows_carry_the_teacher_reward_terms(compose, tmp_path):
         assert r["reward"] == pytest.approx(r["teacher_kl"], abs=1e-4)
         assert r["reward"] == pytest.approx(r["log_prob_term"] - r["kl_term"] + r["match_reward"], abs=1e-4)
         assert r["explanation_tokens"] >= 0
+    _assert_plots_and_summary(tmp_path, summary, ["teacher_kl/log_prob_term", "teacher_kl/kl_term",
+                                                  "teacher_kl/match_reward"])
 
 
 def test_samples_every_0_writes_nothing(compose, tmp_path):
