@@ -111,6 +111,25 @@ def checkpoint_problem(checkpoint: str | Path) -> str | None:
     return None
 
 
+def save_marked_then_rotated(trainer, save, trial) -> None:
+    """Run `save()` (the trainer's `_save_checkpoint`) with the rotation of older checkpoints held back until the new
+    one is marked complete. transformers rotates inside `_save_checkpoint`, before `on_save` callbacks run: a kill
+    in between left no complete checkpoint at all with ``save_total_limit=1`` (found by bench/faults.py's review)."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None  # our own args: rotation off for the save, on again below
+    try:
+        save()
+    finally:
+        trainer.args.save_total_limit = limit
+    if trainer.args.should_save:
+        run_dir = trainer._get_output_dir(trial=trial)
+        mark_complete(Path(run_dir) / f"checkpoint-{trainer.state.global_step}")
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+
+
 class CompleteCheckpointCallback(TrainerCallback):
     """Marks `checkpoint-<global_step>` complete once the Trainer has saved it (on_save runs after the save)."""
 

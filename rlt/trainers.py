@@ -17,6 +17,7 @@ from trl import GRPOTrainer as TRLGRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanmax, nanmin
 
+from rlt.checkpoints import save_marked_then_rotated
 from rlt.config import IS_MODES, logit_processing
 from rlt.generation.hf_logprobs import SamplingLogprobRecorder
 from rlt.models import match_vocabulary
@@ -342,15 +343,18 @@ class GRPOTrainer(TRLGRPOTrainer):
         return self.accelerator.unwrap_model(self.ref_model)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)  # the completion marker is written after this, by our callback
-        ref = self._synced_reference()
-        if ref is not None and self.args.should_save:
-            from safetensors.torch import save_model
+        def save():  # TRL's checkpoint, then the synced reference; marked complete and rotated after both
+            TRLGRPOTrainer._save_checkpoint(self, model, trial)
+            ref = self._synced_reference()
+            if ref is not None and self.args.should_save:
+                from safetensors.torch import save_model
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            tmp = os.path.join(folder, f".{REF_MODEL_FILE}.tmp")
-            save_model(ref, tmp)
-            os.replace(tmp, os.path.join(folder, REF_MODEL_FILE))
+                folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+                tmp = os.path.join(folder, f".{REF_MODEL_FILE}.tmp")
+                save_model(ref, tmp)
+                os.replace(tmp, os.path.join(folder, REF_MODEL_FILE))
+
+        save_marked_then_rotated(self, save, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:

@@ -267,3 +267,22 @@ def test_a_full_disk_during_training_is_one_line(compose, tmp_path, monkeypatch)
     with pytest.raises(RltError, match=r"no space left on the device of .* at step \d \(.* GB free; a checkpoint of "
                                        r"this run takes .* GB\): checkpoint-2 is kept"):
         _run(compose, tmp_path, "max_steps=4", "save_steps=1")
+
+
+def test_a_checkpoint_is_marked_complete_before_older_ones_are_rotated_away(compose, tmp_path, monkeypatch):
+    """transformers deletes older checkpoints inside its save, before `on_save` callbacks run; with
+    save_total_limit=1 a kill in between left no complete checkpoint. Now the rotation sees the new one marked."""
+    import transformers.trainer_utils as trainer_utils
+
+    rotate = trainer_utils.rotate_checkpoints
+    seen = []
+
+    def watching(output_dir, save_total_limit=None, **kwargs):
+        if save_total_limit:  # the real rotation (the one held back during the save passes None)
+            seen.append(sorted(p.parent.name for p in (tmp_path).glob("checkpoint-*/.rlt_complete")))
+        return rotate(output_dir, save_total_limit=save_total_limit, **kwargs)
+
+    monkeypatch.setattr(trainer_utils, "rotate_checkpoints", watching)
+    _run(compose, tmp_path, "max_steps=3", "save_steps=1", "save_total_limit=1")
+    assert seen == [["checkpoint-1"], ["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]

@@ -12,6 +12,7 @@ import math
 from trl import SFTConfig, SFTTrainer
 
 from rlt import console
+from rlt.checkpoints import save_marked_then_rotated
 from rlt.config import SFTRunConfig
 from rlt.data.loading import prepare_gsm8k_eval, prepare_sft_datasets
 from rlt.data.teacher import prepare_teacher_datasets
@@ -20,12 +21,16 @@ from rlt.recipes import common
 
 
 class _SFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer, plus eval perplexity = exp(eval_loss) in every evaluation log (wandb, metrics.jsonl)."""
+    """TRL's SFTTrainer, plus eval perplexity = exp(eval_loss) in every evaluation log (wandb, metrics.jsonl), and
+    checkpoints marked complete before older ones are rotated away (`rlt.checkpoints.save_marked_then_rotated`)."""
 
     def log(self, logs, *args, **kwargs):
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):  # marked complete before older checkpoints are rotated away
+        save_marked_then_rotated(self, lambda: SFTTrainer._save_checkpoint(self, model, trial), trial)
 
 
 def train(run: SFTRunConfig) -> dict:
