@@ -418,6 +418,12 @@ def test_shipped_rlt_configs_checked_before_the_warm_up_exists(capsys):
     assert {c["name"]: c["bytes"] for c in data["components"]}["reference model"] == 0  # offloaded (no DeepSpeed)
     assert "stand-in memcheck_model_arch=Qwen/Qwen2.5-7B-Instruct" in data["policy"]["source"]
     assert "stand-in memcheck_student_arch=Qwen/Qwen2.5-7B-Instruct" in data["student"]["source"]
+    # real headroom: at least the 8 GB the single-GPU planning report keeps free for fragmentation and spikes, and
+    # vLLM's KV cache still holds a whole group of 24 full-length sequences
+    usable = data["gpu_memory"] - data["margin"]
+    assert usable - data["total"] >= 8 * M.GB, (usable - data["total"]) / M.GB
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["KV cache holds one group"]["ok"]
     # the published recipe on 4 + 4 GPUs of 80 GB: ZeRO-3 fits; a 64 × 32k-token group exceeding the server's KV
     # cache is a warning (generated in turns), not a failure
     assert memcheck_main(["teacher_rlt", "--num-gpus", "4", "--zero", "3", "--vllm-gpus", "4", "--gpu-memory", "80GB",
