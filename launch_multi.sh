@@ -131,7 +131,9 @@ elif [[ -n $zero && $cpu == 0 ]]; then
   train_overrides+=("memcheck=false")
 fi
 
-check_cmd=("$python" -m rlt.distributed check --world-size "$num_train" --servers "$num_servers" "$run_cfg" ${train_overrides[@]+"${train_overrides[@]}"} ${server_overrides[@]+"${server_overrides[@]}"})
+check_cmd=("$python" -m rlt.distributed check --world-size "$num_train" --servers "$num_servers")
+if [[ $cpu == 1 ]]; then check_cmd+=(--cpu); fi
+check_cmd+=("$run_cfg" ${train_overrides[@]+"${train_overrides[@]}"} ${server_overrides[@]+"${server_overrides[@]}"})
 accel_cfg="$here/cfgs/accelerate/ddp.yaml"
 if [[ -n $zero && $offload == 1 ]]; then accel_cfg="$here/cfgs/accelerate/zero${zero}_offload.yaml"
 elif [[ -n $zero ]]; then accel_cfg="$here/cfgs/accelerate/zero${zero}.yaml"; fi

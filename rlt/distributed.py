@@ -64,14 +64,29 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def check(world: int, servers: int, run_cfg: str, overrides: list[str]) -> str:
-    """Validate the run for `world` training processes and `servers` generation servers; a one-line summary."""
+def check(world: int, servers: int, run_cfg: str, overrides: list[str], *, cpu: bool | None = None) -> str:
+    """Validate the run for `world` training processes and `servers` generation servers; a one-line summary.
+
+    Then what the machine cannot honour (`rlt.preflight`, one line): `cpu` True (a CPU launch): this machine's
+    packages, without CUDA. Otherwise (launch_multi.sh does not say, and its --ray training nodes need not be this
+    machine) this machine as it is when it has a CUDA GPU; without one, whether the packages the keys need are
+    installed (flash-attn, bitsandbytes, vLLM): each training process checks its own hardware at its start."""
     if world < 1:
         raise UsageError(f"NUM_TRAIN_GPUS={world} must be >= 1")
     run = compose(run_cfg, overrides, world_size=world)
+    from dataclasses import replace
+
     from rlt.models import check_local_paths
+    from rlt.preflight import Machine
+    from rlt.preflight import check as preflight
 
     check_local_paths(run)
+    machine = Machine.detect()
+    if cpu:
+        machine = machine.without_cuda()
+    elif not machine.has_cuda:
+        machine = replace(machine, has_cuda=None)  # no GPU here: not known where (or whether) the training has one
+    preflight(run, machine, deepspeed=False, one_line=True)
     summary = f"config ok: run_cfg={run_cfg} algorithm={run.algorithm}, {world} training process(es)"
     summary += f", gradient_accumulation_steps={run.gradient_accumulation_steps}"
     generates = hasattr(run, "generation_backend")
@@ -421,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the run for the launch topology")
     c.add_argument("--world-size", type=int, required=True, help="training processes")
     c.add_argument("--servers", type=int, default=0, help="vLLM generation servers")
+    c.add_argument("--cpu", action="store_true", default=None, help="a CPU launch: check the CPU rules here")
     c.add_argument("run_cfg")
     c.add_argument("overrides", nargs="*")
     f = sub.add_parser("free-ports", help="print N free TCP ports, one a line")
@@ -464,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("free-ports needs a count >= 1")
             print("\n".join(map(str, free_ports(args.count, args.host))))  # noqa: T201
         elif args.command == "check":
-            print(check(args.world_size, args.servers, args.run_cfg, args.overrides))  # noqa: T201
+            print(check(args.world_size, args.servers, args.run_cfg, args.overrides, cpu=args.cpu))  # noqa: T201
         elif args.command == "supervise":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             return supervise(args.parent, cmd, record=args.record)

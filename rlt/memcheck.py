@@ -296,11 +296,12 @@ def run(argv: list[str]) -> int:
         return override.startswith(CLI_FLAGS) or all(part.split("=")[0] in present for part in override.split())
 
     sugg = M.suggestions(plan, est, allowed=allowed)
+    machine_line, machine = this_machine(run_config, deepspeed=plan.uses_deepspeed)
     if args.json:
         out = est.to_dict()
         out.update(run_cfg=args.run_cfg, overrides=args.overrides, policy=dict(
             name=run_config.model_name_or_path, source=source, arch=vars(policy) | {"params": est.params}),
-            suggestions=[vars(s) for s in sugg])
+            suggestions=[vars(s) for s in sugg], this_machine=machine)
         if student is not None:
             out["student"] = dict(name=student_name, source=student_source, arch=vars(student))
         print(json.dumps(out, indent=2, default=str))
@@ -326,7 +327,25 @@ def run(argv: list[str]) -> int:
                           f"{v['group_tokens']:,} tokens, round of {v['round_completions_per_engine']} completions "
                           f"per engine needs {v['kv_needed_round'] / M.GB:.2f} GB")
         print(render(est, sugg, header=header))
+        if machine_line:
+            print(machine_line)
     return EXIT_PASS if est.passed else EXIT_FAIL
+
+
+def this_machine(run_config, *, deepspeed: bool) -> tuple[str | None, dict]:
+    """What the machine memcheck runs on cannot honour (`rlt.preflight`): reported, never a failure (the estimate is
+    for a GPU). (one line or None, the same for --json: machine, problems, override line)."""
+    from rlt import preflight
+
+    machine = preflight.Machine.detect()
+    found = preflight.problems(run_config, machine, deepspeed=deepspeed)
+    data = {"machine": machine.describe(), "problems": [dict(vars(p), value=p.value_text) for p in found],
+            "run_it_here_with": preflight.override_line(found)}
+    if not found:
+        return None, data
+    if any(p.severity == "error" for p in found):
+        return preflight.report(found, machine, one_line=True), data
+    return f"this machine runs it, but: {'; '.join(map(str, found))}", data
 
 
 def check_before_training(run) -> str | None:

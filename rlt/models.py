@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from rlt.errors import ModelError, RltError
-from rlt.utils.imports import is_available, require
+from rlt.utils.imports import require
 
 logger = logging.getLogger(__name__)
 
@@ -380,9 +380,9 @@ def make_quantization_config(load_in_4bit: bool):
     """A bitsandbytes NF4 config (double quant, bf16 compute) for `load_in_4bit`, else None."""
     if not load_in_4bit:
         return None
-    if not torch.cuda.is_available():
-        raise ModelError("load_in_4bit=true needs a CUDA GPU and the `quant` extra (bitsandbytes: "
-                         "pip install -e '.[quant]'); no CUDA GPU is available here. Set load_in_4bit=false.")
+    from rlt.preflight import Machine, quantization_problem, raise_for
+
+    raise_for(quantization_problem(True, Machine.detect()), ModelError)  # the rule a run's preflight applies
     require("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
@@ -391,13 +391,11 @@ def make_quantization_config(load_in_4bit: bool):
 
 
 def _check_attn_implementation(attn_implementation: str) -> None:
+    """For callers without a run config (a run's preflight checked it already): `rlt.preflight.attn_problem`."""
     if attn_implementation.startswith("flash_attention"):
-        if not torch.cuda.is_available():
-            raise ModelError(f"attn_implementation={attn_implementation} needs a CUDA GPU; none is available. "
-                             "Use 'sdpa' (default) or 'eager'.")
-        package = "flash_attn_interface" if attn_implementation == "flash_attention_3" else "flash_attn"
-        if not is_available(package):
-            require(package)
+        from rlt.preflight import Machine, attn_problem, raise_for
+
+        raise_for(attn_problem(attn_implementation, Machine.detect()), ModelError)
 
 
 def load_model(name_or_path: str, *, torch_dtype: str = "auto", attn_implementation: str | None = None,

@@ -54,6 +54,12 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
     import contextlib
     import importlib
 
+    from rlt.console import configure_noise
+    from rlt.preflight import check as preflight
+
+    configure_noise(run.verbose)  # before third-party code runs: what TRL, vLLM or DeepSpeed print at import stays
+    preflight(run)  # CUDA-only settings on a machine without one, missing extras: before anything is fetched
+
     from rlt.memcheck import check_before_training
     from rlt.models import check_local_paths
     from rlt.run_dir import RunLock, check_free_space, ensure_writable, finish_from_checkpoint, open_run
@@ -78,9 +84,6 @@ def run_training(cfg: DictConfig, *, print_config: bool = False) -> dict | None:
         if is_main and state.action == "start":
             check_free_space(run)
         check_before_training(run)
-        from rlt.console import configure_noise
-
-        configure_noise(run.verbose)  # before the recipe imports TRL (and TRL vLLM, with its import-time messages)
         recipe = importlib.import_module(f"rlt.recipes.{run.algorithm}")  # sft | grpo | rlt, checked by validate()
         from rlt.tracking import finish_reporting
 

@@ -23,8 +23,10 @@ def test_gate_passes_fails_and_skips(compose):
 
 
 def test_launch_mono_refuses_a_run_that_does_not_fit():
+    # attn_implementation=sdpa: the 7B model file asks for flash-attention, which the preflight refuses here first
     proc = subprocess.run(["./launch_mono.sh", "tiny_sft", "model_cfg=qwen2.5_7b_instruct", "max_length=4096",
-                           "memcheck_gpu_memory=80GiB"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "memcheck_gpu_memory=80GiB", "attn_implementation=sdpa"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 2
     assert "this run would run out of GPU memory" in proc.stderr and "Traceback" not in proc.stderr
 

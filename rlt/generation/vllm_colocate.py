@@ -127,9 +127,11 @@ def _detect_quantization(model: torch.nn.Module) -> str | None:
     return None
 
 
-@functools.cache
 def _warn_sleep_mode_ignored() -> None:
-    logger.warning("vLLM sleep mode (vllm_enable_sleep_mode=True) is GPU-only; it is ignored on CPU.")
+    """Once per process (a run's preflight says it at startup already): `rlt.preflight.sleep_mode_problem`."""
+    from rlt.preflight import sleep_mode_problem, warn_once
+
+    warn_once(sleep_mode_problem(True, "vllm_colocate", engine_on_gpu=False))
 
 
 @contextlib.contextmanager
