@@ -19,12 +19,14 @@
 #   --dry-run        print every command it would run, start nothing
 # The run config is checked for NUM_TRAIN_GPUS processes before anything starts; servers get free ports and are
 # ready when their /health answers (timeout: the run's vllm_server_timeout); their URLs reach the trainer as Hydra
-# overrides. On exit, error or Ctrl-C it stops the process groups it started (nothing else) and exits with the
-# trainer's status (130 after Ctrl-C). Holds no config values and never edits files. Uses .venv/bin/python if present.
+# overrides. Servers and trainers share a secret made for the run (RLT_SERVER_TOKEN, or the one already set), in
+# their environment only: every server endpoint but /health asks for it. On exit, error or Ctrl-C it stops the
+# process groups it started (nothing else) and exits with the trainer's status (130 after Ctrl-C). Holds no config
+# values and never edits files. Uses .venv/bin/python if present.
 set -euo pipefail
 
 me=launch_multi.sh
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "$me: $*" >&2; exit 2; }  # a usage error: one line, exit 2
 [[ $# -ge 1 ]] || usage
 
@@ -152,6 +154,7 @@ ray_cmd() {  # with --ray the driver starts servers and training nodes itself: i
   if [[ $cpu == 1 ]]; then train_cmd+=(--cpu); fi
   train_cmd+=("$run_cfg" ${train_overrides[@]+"${train_overrides[@]}"})
 }
+servers_in_run=$num_servers  # started here, or by the Ray driver
 if [[ -n $ray ]]; then num_servers=0; fi  # none started by this script
 train_env=()  # with --ray (GPU): Ray assigns the GPUs
 if [[ $cpu == 1 ]]; then
@@ -174,6 +177,9 @@ if [[ $dry_run == 1 ]]; then
     echo "# $me dry run: Ray ($ray) starts $ray_servers vLLM server(s) and $num_train training process(es) on $nodes node(s), $mode"
   else
     echo "# $me dry run: $num_servers vLLM server(s), $num_train training process(es), $mode"
+  fi
+  if [[ $servers_in_run -gt 0 ]]; then
+    echo "# servers and trainers get RLT_SERVER_TOKEN (a new secret for the run, unless set) in their environment"
   fi
   if [[ ${#memcheck_cmd[@]} -gt 0 ]]; then show "${memcheck_cmd[@]}"; fi
   show "${check_cmd[@]}"
@@ -217,6 +223,13 @@ if [[ ${#memcheck_cmd[@]} -gt 0 ]]; then
   "${memcheck_cmd[@]}" || { rc=$?; echo "$me: memory check failed (exit $rc); --skip-memcheck to run anyway" >&2; exit "$rc"; }
 fi
 "${check_cmd[@]}" >&2 || exit $?
+# the servers' token: in the environment of the servers and trainers (inherited), never on a command line
+if [[ $servers_in_run -gt 0 ]]; then
+  if [[ -z ${RLT_SERVER_TOKEN:-} ]]; then
+    RLT_SERVER_TOKEN="$("$python" -c 'import secrets; print(secrets.token_hex(32))')" || die "cannot make the servers' token with $python"
+  fi
+  export RLT_SERVER_TOKEN
+fi
 if [[ -n $log_dir ]]; then mkdir -p "$log_dir"; else log_dir="$(mktemp -d "$log_template")"; fi
 status_file="$log_dir/pids"
 : > "$status_file"

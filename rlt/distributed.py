@@ -327,6 +327,8 @@ class _RayActors:
         self.record = Path(args.log_dir) / "pids"
         self.record.parent.mkdir(parents=True, exist_ok=True)
         self.env = {"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {}
+        if os.environ.get("RLT_SERVER_TOKEN"):  # a cluster started by `ray start` does not inherit our environment
+            self.env["RLT_SERVER_TOKEN"] = os.environ["RLT_SERVER_TOKEN"]
         self.actor_cls = ray.remote(_NodeProcess)
         self.pg = None
         self.actors: list = []

@@ -1,6 +1,7 @@
 """The trainer's client of the rlt vLLM servers (`rlt.generation.vllm_server`): prompts split across servers, a
 sampling seed per prompt, weights through /dev/shm or the request body, a timeout on every request and one clear error
-when a server fails. How it fits together: docs/distributed.md ("The `vllm_server` generation backend").
+when a server fails. Every request but /health carries the servers' token, $RLT_SERVER_TOKEN (launch_multi.sh makes
+one per run). How it fits together: docs/distributed.md ("The `vllm_server` generation backend", "Security").
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rlt.errors import RltError
-from rlt.generation.shm import shm_dir
+from rlt.generation.shm import create_private_file, shm_dir
+
+TOKEN_ENV = "RLT_SERVER_TOKEN"  # the servers' token (rlt.generation.vllm_server), from the environment
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,15 @@ def _round_seeds(seed: int, round_index: int, count: int) -> list[int]:
     return out
 
 
+def _refusal(status: int) -> str:
+    """Why a server refused the trainer (HTTP 401 or 403), naming what to set."""
+    if status == 401:
+        return (f"HTTP 401, the server asks for a token: set {TOKEN_ENV} in the trainer's environment to the "
+                "server's (launch_multi.sh passes one per run to both)")
+    return (f"HTTP 403, wrong token: {TOKEN_ENV} in the trainer's environment is not the one the server was "
+            "started with")
+
+
 def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous (start, stop) ranges covering `count` items, sizes differing by at most one, e.g. 5, 2 → [(0, 3),
     (3, 5)]; empty ranges are dropped."""
@@ -60,11 +72,12 @@ class VLLMServerClient:
     `connect_timeout`: seconds to wait for every server's /health (`wait_until_ready`). `request_timeout`: seconds
     one request may take. `seed`: base of the per-prompt sampling seeds (None: unseeded sampling). `transport`:
     how weights travel: "auto" (a /dev/shm file for servers on this host, the request body otherwise), "shm" or
-    "http". `resume_hint`: appended to error messages (e.g. where the last checkpoint is).
+    "http". `resume_hint`: appended to error messages (e.g. where the last checkpoint is). `token`: sent as
+    `Authorization: Bearer` to every endpoint but /health (default: $RLT_SERVER_TOKEN; none if that is unset).
     """
 
     def __init__(self, urls: Sequence[str], *, connect_timeout: float = 240.0, request_timeout: float = 600.0,
-                 seed: int | None = 0, transport: str = "auto", resume_hint: str = ""):
+                 seed: int | None = 0, transport: str = "auto", resume_hint: str = "", token: str | None = None):
         import requests
 
         if not urls:
@@ -80,7 +93,11 @@ class VLLMServerClient:
         self.rounds = 0  # generate() calls so far: the round index of the sampling seeds
         self.weights_version = 0
         self.last_sync_seconds: float | None = None
+        token = os.environ.get(TOKEN_ENV) if token is None else token
         self._sessions = {u: requests.Session() for u in self.urls}
+        for session in self._sessions.values():
+            if token:
+                session.headers["Authorization"] = f"Bearer {token}"
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.urls),
                                                            thread_name_prefix="vllm-client")
         self._infos: dict[str, dict] = {}
@@ -103,6 +120,8 @@ class VLLMServerClient:
                              ) from None
         except requests.exceptions.RequestException as e:
             raise self._fail(url, what, f"{type(e).__name__}: {e}") from None
+        if response.status_code in (401, 403):
+            raise self._fail(url, what, _refusal(response.status_code))
         if response.status_code != 200:
             raise self._fail(url, what, f"HTTP {response.status_code}: {response.text[:500]}")
         return response.json()
@@ -204,7 +223,9 @@ class VLLMServerClient:
         path = blob = None
         try:
             if local:
-                path = os.path.join(shm_dir(), f"rlt-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors")
+                name = os.path.join(shm_dir(), f"rlt-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors")
+                create_private_file(name)  # the weights are readable by this user only
+                path = name
                 save_file(tensors, path)
             if remote:
                 blob = save(tensors)

