@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except the ones without a value (None, False): their help says what
+    happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """The parsed command line of an rlt CLI, with INFO logging on stderr unless the caller configured logging."""
     args = parser.parse_args(argv)
@@ -42,3 +52,50 @@ def shorten(text: Any, width: int = 200) -> str:
     """
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+
+def slug(text: Any, width: int = 60) -> str:
+    """`text` flattened to ``[A-Za-z0-9._-]`` (every other run of characters becomes one ``_``) and cut to `width`.
+
+    >>> slug("tiny grpo: lr=1e-4"), slug("x" * 10, width=4), slug("::")
+    ('tiny_grpo_lr_1e-4', 'xxxx', 'x')
+    """
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_.")[:width].strip("_.")
+    return text or "x"
+
+
+def data_slug(data: str) -> str:
+    """A short readable name for a data source, for file names and metric keys: a path's or hub id's last part
+    without its data file suffix; ``synthetic:NAME`` -> ``synthetic-NAME``.
+
+    >>> [data_slug(d) for d in ("../shared/data/gsm8k", "synthetic:arithmetic", "data/gsm8k_style.jsonl",
+    ...                         "openai/gsm8k", "results/distill/demo.jsonl")]
+    ['gsm8k', 'synthetic-arithmetic', 'gsm8k_style', 'gsm8k', 'demo']
+    """
+    text = str(data).strip().rstrip("/")
+    if text.startswith("synthetic:"):
+        return slug("synthetic-" + text.removeprefix("synthetic:"), 40)
+    name = Path(text).name or text
+    for suffix in _DATA_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return slug(name, 40)
+
+
+def model_slug(model: str) -> str:
+    """A short readable name for a model: a run's ``final`` / ``checkpoint-N`` with its run dir's name, a hub id's
+    model name, any other path's last part; ``rlt:NAME`` -> ``rlt-NAME``.
+
+    >>> [model_slug(m) for m in ("results/tiny_grpo/final", "/a/very/long/path/to/results/run/checkpoint-20",
+    ...                          "Qwen/Qwen2.5-1.5B-Instruct", "rlt:tiny", "/models/my model")]
+    ['tiny_grpo-final', 'run-checkpoint-20', 'Qwen2.5-1.5B-Instruct', 'rlt-tiny', 'my_model']
+    """
+    text = str(model).strip().rstrip("/")
+    if text.startswith("rlt:"):
+        return slug("rlt-" + text.removeprefix("rlt:"), 40)
+    path = Path(text)
+    if (path.name == "final" or re.fullmatch(r"checkpoint-\d+", path.name)) and path.parent.name:
+        return slug(f"{path.parent.name}-{path.name}", 50)
+    return slug(path.name or text, 50)

@@ -538,6 +538,33 @@ def _samples_html(run_dir: Path, n: int) -> str:
     return "\n".join(parts)
 
 
+EVAL_RESULT_KEYS = ("data", "split", "n", "accuracy", "strict_accuracy", "pass_at_k", "mean_completion_tokens",
+                    "max_new_tokens", "system_prompt")
+
+
+def _results_html(run_dir: Path) -> str:
+    """What the tools after training left in the run dir: `rlt.evaluate`'s eval/*.json (a column each) and
+    `rlt.compare`'s compare/compare.md."""
+    parts = []
+    evals = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and "accuracy" in result:
+            values = [result.get(k) for k in EVAL_RESULT_KEYS]
+            evals.append((path.stem, [v[:77] + "..." if isinstance(v, str) and len(v) > 80 else v for v in values]))
+    if evals:
+        parts += [f"<h3>Evaluation (python -m rlt.evaluate, {len(evals)} in eval/)</h3>",
+                  _html_table(EVAL_RESULT_KEYS, [row for _, row in evals], [name for name, _ in evals])]
+    compare = run_dir / "compare" / "compare.md"
+    if compare.is_file():
+        text = _CONTROL.sub(" ", compare.read_text(encoding="utf-8", errors="replace"))
+        parts += ["<h3>Comparison (python -m rlt.compare, compare/compare.md)</h3>", f"<pre>{html.escape(text)}</pre>"]
+    return "\n".join(parts)
+
+
 def render_html(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], overlay: Sequence[Path],
                 runs: Sequence[tuple[Run, Sequence[Path]]], *, last: int, samples: int = 4) -> str:
     """One self-contained page: the table, the overlaid plots, each run's plots and a few samples; images are
@@ -558,6 +585,7 @@ def render_html(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
         if len(runs) > 1:
             body.append("</details>")
         body.append(_samples_html(run.path, samples))
+        body.append(_results_html(run.path))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(b for b in body if b) + "\n</body></html>\n")

@@ -270,3 +270,50 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def log_to_existing_run(run_dir: str | Path, metrics: dict[str, float], *, config: dict[str, Any] | None = None,
+                        step: int | None = None) -> str | None:
+    """Log `metrics` (``{"eval/gsm8k_test/accuracy": 0.41}``) into the wandb run of the run dir `run_dir`, after
+    training (`rlt.evaluate`): resumed by the id in `<run_dir>/wandb_id` (``resume="allow"``) and ended again; with
+    `step` (the evaluated model's training step), the row also carries ``train/global_step`` and the values go to
+    the run summary. The mode is the one training used (the run `config`'s ``wandb_mode``, else WANDB_MODE, else
+    online with credentials, offline without; offline writes under `<run_dir>/wandb`, for ``wandb sync``).
+
+    Never fails: returns the wandb run id it logged to, or None (no id file: the run did not log to wandb; mode
+    disabled; wandb missing or not starting, with a warning)."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if not path.is_file() or not metrics:
+        return None
+    config = config or {}
+    mode = config.get("wandb_mode") or os.environ.get("WANDB_MODE") or (
+        "online" if wandb_has_credentials() else "offline")
+    if mode == "disabled":
+        log.info("wandb: mode=disabled, not logging the results to the run's wandb run")
+        return None
+    if not is_available("wandb"):
+        log.warning("the run logged to wandb but the wandb package is not importable: results not logged there")
+        return None
+    import wandb
+
+    run_id = wandb_run_id(run_dir)
+    row = {**metrics, **({"train/global_step": step} if step is not None else {})}
+    silent = os.environ.get("WANDB_SILENT", "true").lower() not in ("false", "0", "no")
+    try:
+        if wandb.run is not None and wandb.run.id == run_id:  # already open in this process: log, leave it open
+            wandb.run.log(row)
+            wandb.run.summary.update(metrics)
+            return run_id
+        started = wandb.init(project=config.get("wandb_project") or "rlt", id=run_id, resume="allow",
+                             dir=str(run_dir), mode=mode, reinit="create_new", settings=wandb.Settings(silent=silent))
+        try:
+            started.log(row)
+            started.summary.update(metrics)
+        finally:
+            started.finish()
+    except Exception as e:  # offline disk problems, network or server errors: the results are in the JSON anyway
+        log.warning("wandb: could not log the results to run %s (%s)", run_id,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    log.info("wandb: logged %s to run %s (mode %s)", ", ".join(metrics), run_id, mode)
+    return run_id

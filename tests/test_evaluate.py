@@ -2,6 +2,7 @@
 the decoding it uses (`rlt.generation.sampling`) on both backends."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlt.checkpoints import write_json_atomic
+from rlt.errors import ConfigError
 from rlt.evaluate import _grade, evaluate, gsm8k_accuracy, main, pass_at_k
 from rlt.generation.sampling import GREEDY, Sampling, generate_hf_ids, generate_vllm_ids, make_vllm_engine
 from rlt.models import is_lora_adapter, load_eval_model
@@ -61,8 +63,8 @@ def test_grade_is_the_training_reward_checker(completion, answer, graded):
 
 
 def _stub_generation(monkeypatch, greedy: list[str], sampled: list[list[str]] | None = None):
-    """Generation replaced by fixed completions (prompts rendered as their last message), so that what
-    `evaluate` reports comes from the grader alone."""
+    """Generation replaced by fixed completions (prompts rendered as their last message; a completion's token ids
+    are its characters' code points), so that what `evaluate` reports comes from the grader alone."""
     import rlt.evaluate as evaluate_mod
 
     class Tokenizer:
@@ -70,14 +72,20 @@ def _stub_generation(monkeypatch, greedy: list[str], sampled: list[list[str]] | 
             assert not tokenize and add_generation_prompt
             return messages[-1]["content"]
 
+        def batch_decode(self, rows, skip_special_tokens):
+            return ["".join(map(chr, ids)) for ids in rows]
+
+    def ids(text):
+        return [ord(ch) for ch in text]
+
     def backend(model, torch_dtype, stack):
         def generate(texts, *, num_samples, sampling, **options):
             if sampling is GREEDY:
                 assert num_samples == 1 and len(texts) == len(greedy)
-                return [[c] for c in greedy]
+                return [[ids(c)] for c in greedy]
             assert sampled is not None and len(texts) == len(sampled)
             assert all(len(row) == num_samples for row in sampled)
-            return sampled
+            return [[ids(c) for c in row] for row in sampled]
 
         return Tokenizer(), generate
 
@@ -99,6 +107,8 @@ def test_evaluate_scores_with_the_grader(tmp_path, monkeypatch):
     results = evaluate(model="stub", data=str(tmp_path), k=2, num_samples=3, temperature=1.0)
     assert results["n"] == 4 and results["accuracy"] == 0.75 and results["strict_accuracy"] == 0.5
     assert results["pass_at_k"] == pytest.approx(7 / 12)
+    assert results["mean_completion_tokens"] == sum(map(len, greedy)) / 4  # the stub's tokens are characters
+    assert results["max_new_tokens"] == 256 and results["system_prompt"] is None  # no run: the defaults
     got = [(p["score"], p["predicted"], p["correct"], p["samples_correct"]) for p in results["predictions"]]
     assert got == [(2.0, "19", True, 1), (1.0, "7", True, 3), (2.0, "1,234", True, 0), (0.0, "-5", False, 1)]
     assert [p["answer"] for p in results["predictions"]] == answers
@@ -344,6 +354,7 @@ def test_lora_adapter_with_missing_base_is_a_clean_error(tmp_path, capsys):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone"),
                                                              "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")  # an adapter dir as saved, so its base is what fails
     data = tmp_path / "test.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     assert main(["--model", str(adapter), "--data", str(data), "--split", "train",
@@ -364,7 +375,7 @@ def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model directory") and "no-such-model" in last
+    assert last.startswith("error: there is no directory") and "no-such-model" in last
     assert not (tmp_path / "r.json").exists()
 
 
@@ -387,3 +398,249 @@ def test_cli_bad_options_exit_2(tmp_path, capsys, args):
     (tmp_path / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     assert main(["--model", "rlt:tiny", "--data", str(tmp_path), "--output", str(tmp_path / "r.json"), *args]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------------- following the run
+
+TUTOR = "You are a test tutor."
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory):
+    """One tiny GRPO run (1 step) with a non-default system prompt and completion length, shared by this module."""
+    from rlt.compose import compose_raw
+    from rlt.train import run_training
+
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    run_training(compose_raw(["run_cfg=tiny_grpo", "max_steps=1", "save_steps=1", "train_batch_size=4",
+                              "per_device_train_batch_size=4", "num_generations=4", "max_completion_length=24",
+                              f"system_prompt={TUTOR}", "plots=false", f"output_dir={out}"]))
+    return out
+
+
+@pytest.fixture
+def generate_spy(monkeypatch):
+    """The max_new_tokens of every generate call `rlt.evaluate` makes (HF backend)."""
+    import rlt.evaluate as evaluate_mod
+
+    calls = []
+    real = evaluate_mod.generate_hf_ids
+
+    def spy(model, tokenizer, texts, **kw):
+        calls.append(kw["max_new_tokens"])
+        return real(model, tokenizer, texts, **kw)
+
+    monkeypatch.setattr(evaluate_mod, "generate_hf_ids", spy)
+    return calls
+
+
+def test_evaluate_a_run_follows_its_prompt_length_and_data(grpo_run, generate_spy, caplog, capsys):
+    from rlt.data.loading import prepare_gsm8k_eval
+    from rlt.run_info import read_run_config
+
+    with caplog.at_level(logging.INFO, logger="rlt.evaluate"):
+        assert main([str(grpo_run), "--limit", "3"]) == 0  # the model as the argument, no other flag
+    out = grpo_run / "eval" / "synthetic-arithmetic_test.json"
+    results = json.loads(out.read_text())
+    assert str(out) in capsys.readouterr().out
+    assert (results["data"], results["split"], results["n"]) == ("synthetic:arithmetic", "test", 3)
+    assert results["system_prompt"] == TUTOR and results["max_new_tokens"] == 24 and generate_spy == [24]
+    assert results["model_dir"] == str(grpo_run / "final") and results["run_dir"] == str(grpo_run)
+    for p in results["predictions"]:
+        assert p["prompt"].startswith(f"<|im_start|>system\n{TUTOR}<|im_end|>\n<|im_start|>user\n")
+        assert 1 <= p["completion_tokens"] <= 24
+    # the run's own held-out problems: its synthetic parameters and seed, not the synthetic defaults
+    config = read_run_config(grpo_run)
+    own = prepare_gsm8k_eval(dataset_id_or_path="synthetic:arithmetic", split="test", synthetic=config["synthetic"],
+                             seed=config["seed"])
+    assert [p["question"] for p in results["predictions"]] == [p["question"] for p in own[:3]]
+    followed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Following run"))
+    for part in ("data synthetic:arithmetic (dataset_id_or_path)", "split test (eval_split)",
+                 f"system prompt {TUTOR!r} (system_prompt)", "max_new_tokens 24 (max_completion_length)"):
+        assert part in followed
+
+
+def test_flags_override_the_run(grpo_run, generate_spy, tmp_path):
+    out = tmp_path / "r.json"
+    data = REPO / "tests" / "fixtures" / "data" / "gsm8k_style.jsonl"
+    assert main(["--model", str(grpo_run / "final"), "--data", str(data), "--split", "train", "--system-prompt",
+                 "@reasoning", "--max-new-tokens", "5", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert (results["data"], results["split"], results["n"], generate_spy) == (str(data), "train", 3, [5])
+    assert all("<|im_start|>system\nRespond in the following format" in p["prompt"] for p in results["predictions"])
+    assert results["from_run"] == []  # every setting was given
+
+    assert main([str(grpo_run), "--system-prompt", "", "--limit", "1", "--output", str(out)]) == 0  # '' = none
+    results = json.loads(out.read_text())
+    assert results["system_prompt"] is None and results["max_new_tokens"] == 24
+    assert results["predictions"][0]["prompt"].startswith("<|im_start|>user\n")
+
+
+def test_a_checkpoint_follows_its_run_and_writes_beside_final(grpo_run, generate_spy):
+    assert main([str(grpo_run / "checkpoint-1"), "--limit", "1"]) == 0
+    results = json.loads((grpo_run / "eval" / "synthetic-arithmetic_test_checkpoint-1.json").read_text())
+    assert results["system_prompt"] == TUTOR and generate_spy == [24]
+    assert results["model_dir"] == str(grpo_run / "checkpoint-1")
+
+
+def test_results_go_to_short_readable_paths(grpo_run):
+    from rlt.evaluate import default_results_path
+    from rlt.run_info import locate
+
+    assert default_results_path(locate("rlt:tiny"), "../shared/data/gsm8k", "test") == \
+        Path("results/eval/rlt-tiny__gsm8k_test.json")
+    assert default_results_path(locate(str(grpo_run)), "synthetic:arithmetic", "test") == \
+        grpo_run / "eval" / "synthetic-arithmetic_test.json"
+    long = default_results_path(locate("Qwen/Qwen2.5-1.5B-Instruct"), "/a/b/c/d/e/f/g/gsm8k_style.jsonl", "test")
+    assert long == Path("results/eval/Qwen2.5-1.5B-Instruct__gsm8k_style_test.json")
+
+
+def _located(**config):
+    from rlt.run_info import Located
+
+    return Located(given="results/x", model_dir="results/x/final", run_dir=Path("results/x"), config=config)
+
+
+def test_rlt_teacher_runs_lend_no_system_prompt():
+    from rlt.evaluate import choose_prompt
+
+    teacher = _located(algorithm="rlt", system_prompt="Teacher: explain the given solution.",
+                       max_completion_length=48)
+    chosen = choose_prompt(teacher)
+    assert chosen.system_prompt is None and chosen.max_new_tokens == 48
+    assert "RLT teacher" in chosen.notes[0]
+    assert choose_prompt(teacher, system_prompt="@student").system_prompt.startswith("Your role as an assistant")
+    sft = choose_prompt(_located(algorithm="sft", system_prompt="Be brief."))
+    assert (sft.system_prompt, sft.max_new_tokens) == ("Be brief.", 256)  # SFT runs have no completion length
+
+
+def test_choose_data_needs_gsm8k_format_data():
+    from rlt.evaluate import choose_data
+    from rlt.run_info import Located
+
+    with pytest.raises(ConfigError, match="--data is required: rlt:tiny is not a run dir"):
+        choose_data(Located(given="rlt:tiny", model_dir="rlt:tiny"))
+    with pytest.raises(ConfigError, match="alpaca-format data"):
+        choose_data(_located(dataset_id_or_path="tatsu-lab/alpaca", data_format="alpaca"))
+    run = _located(dataset_id_or_path="data/math", data_format="gsm8k", data_columns={"question": "problem"},
+                   eval_split=None, dataset_subset="main", synthetic={}, seed=7)
+    chosen = choose_data(run)
+    assert (chosen.data, chosen.split, chosen.data_columns, chosen.dataset_subset, chosen.seed) == \
+        ("data/math", "test", {"question": "problem"}, "main", 7)
+    other = choose_data(run, data="../shared/data/gsm8k")  # other data: read with the defaults, not the run's
+    assert (other.data_columns, other.dataset_subset, other.seed, other.notes) == (None, None, 42, ())
+
+
+def _eval_metrics():
+    from rlt.evaluate import wandb_metrics
+
+    return wandb_metrics({"data": "synthetic:arithmetic", "split": "test", "n": 3, "accuracy": 0.5,
+                          "strict_accuracy": 0.25, "mean_completion_tokens": 20.0})
+
+
+def test_results_resume_the_runs_wandb_run(tmp_path, monkeypatch):
+    """wandb stood in for: the run's id resumed (allow), its project, the mode training would use, the run dir;
+    one row with the step, the summary updated, the run ended; nothing without a wandb_id file or when disabled."""
+    import types
+
+    import rlt.tracking as tracking
+
+    started = []
+
+    class FakeRun:
+        def __init__(self, **init):
+            self.init, self.id, self.rows, self.summary, self.finished = init, init["id"], [], {}, False
+
+        def log(self, row):
+            self.rows.append(row)
+
+        def finish(self):
+            self.finished = True
+
+    fake = types.SimpleNamespace(run=None, Settings=lambda **kw: kw,
+                                 init=lambda **init: started.append(FakeRun(**init)) or started[-1])
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(tracking, "is_available", lambda name: True)
+    metrics = _eval_metrics()
+    assert tracking.log_to_existing_run(tmp_path, metrics, config={}) is None and not started  # no wandb_id
+    (tmp_path / "wandb_id").write_text("abc123\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.log_to_existing_run(tmp_path, metrics, config={"wandb_project": "p", "wandb_mode": None},
+                                        step=7) == "abc123"
+    (run,) = started
+    assert {k: run.init[k] for k in ("project", "id", "resume", "dir", "mode")} == \
+        {"project": "p", "id": "abc123", "resume": "allow", "dir": str(tmp_path), "mode": "offline"}
+    assert run.rows == [{**metrics, "train/global_step": 7}] and run.summary == metrics and run.finished
+    assert tracking.log_to_existing_run(tmp_path, metrics, config={"wandb_mode": "disabled"}) is None
+    assert len(started) == 1
+
+
+@pytest.mark.slow
+def test_results_are_logged_into_the_runs_wandb_run(grpo_run, tmp_path, monkeypatch):
+    """Offline, a real wandb run resumed by the id in <run>/wandb_id: the metrics are in its offline run file
+    (marked slow: starting wandb's service takes 4 to 20 s here)."""
+    pytest.importorskip("wandb")
+    import shutil
+
+    from rlt.tracking import log_to_existing_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(grpo_run, run_dir, ignore=shutil.ignore_patterns("checkpoint-*", "final"))
+    metrics = _eval_metrics()
+    assert log_to_existing_run(run_dir, metrics, config={}) is None  # no wandb_id: the run did not use wandb
+    (run_dir / "wandb_id").write_text("evaltest1\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert log_to_existing_run(run_dir, metrics, config={"wandb_mode": None}, step=1) == "evaltest1"
+    (written,) = (run_dir / "wandb").glob("offline-run-*-evaltest1/run-evaltest1.wandb")
+    assert b"eval/synthetic-arithmetic_test/accuracy" in written.read_bytes()
+    assert log_to_existing_run(run_dir, metrics, config={"wandb_mode": "disabled"}) is None
+
+
+def test_wandb_problems_only_warn(tmp_path, monkeypatch, caplog):
+    import rlt.tracking as tracking
+
+    (tmp_path / "wandb_id").write_text("evaltest2\n")
+    monkeypatch.setattr(tracking, "is_available", lambda name: False)
+    with caplog.at_level(logging.WARNING, logger="rlt.tracking"):
+        assert tracking.log_to_existing_run(tmp_path, {"eval/x/accuracy": 1.0}, config={"wandb_mode": "offline"}) \
+            is None
+    assert "wandb package is not importable" in caplog.text
+
+
+def test_cli_logs_a_runs_results_to_its_wandb_run(grpo_run, monkeypatch):
+    import rlt.evaluate as evaluate_mod
+    import rlt.tracking as tracking
+
+    logged = []
+    monkeypatch.setattr(tracking, "log_to_existing_run",
+                        lambda run_dir, metrics, *, config, step: logged.append((run_dir, sorted(metrics), step)))
+    monkeypatch.setattr(evaluate_mod, "_hf_backend", _stub_backend("#### 3"))
+    assert main([str(grpo_run), "--limit", "2", "--output", str(grpo_run / "eval" / "stub.json")]) == 0
+    assert logged == [(grpo_run, ["eval/synthetic-arithmetic_test/accuracy",
+                                  "eval/synthetic-arithmetic_test/mean_completion_tokens",
+                                  "eval/synthetic-arithmetic_test/n",
+                                  "eval/synthetic-arithmetic_test/strict_accuracy"], 1)]
+    (grpo_run / "eval" / "stub.json").unlink()
+
+
+def _stub_backend(completion: str):
+    def backend(model, torch_dtype, stack):
+        class Tokenizer:
+            def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+                return messages[-1]["content"]
+
+            def batch_decode(self, rows, skip_special_tokens):
+                return ["".join(map(chr, ids)) for ids in rows]
+
+        return Tokenizer(), lambda texts, **kw: [[[ord(c) for c in completion]] for _ in texts]
+
+    return backend
+
+
+def test_cli_needs_one_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "synthetic:arithmetic"])
+    assert exit_info.value.code == 2 and "the model to evaluate is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rlt:tiny", "--model", "other"])
+    assert "two models given" in capsys.readouterr().err
