@@ -9,8 +9,9 @@ TEST_STAMP := $(VENV)/.rlt-test-extras
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export WANDB_SILENT ?= true
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: help install install-test install-smollm2 demo test test-slow test-gpu gpu-wheels lint format clean
+.PHONY: help install install-test install-smollm2 demo test test-slow test-gpu gpu-wheels docs lint format clean
 
 help:  ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-18s %s\n", $$1, $$2}'
@@ -70,6 +71,15 @@ test-gpu:  ## the GPU check (docs/install.md), ≤ 8 min on one H100: offline in
 		$(if $(wildcard $(WHEELS)),--no-index --find-links $(WHEELS)) -e .
 	$(GPU_PYTHON) -m pytest -m gpu tests/test_gpu.py -v -rs
 
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)  ## the docs site in site/ (mkdocs build --strict: broken links or missing pages fail it)
+	$(PY) -m rlt.config --reference --check
+	$(VENV)/bin/mkdocs build --strict --quiet
+
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check rlt tests bench scripts
 
@@ -77,4 +87,4 @@ format: $(STAMP)  ## ruff format + import sorting
 	$(VENV)/bin/ruff check --fix --select I rlt tests && $(VENV)/bin/ruff format rlt tests
 
 clean:  ## remove the venv and run outputs (not ~/.cache/rlt)
-	rm -rf $(VENV) results outputs multirun .pytest_cache
+	rm -rf $(VENV) results outputs multirun .pytest_cache site

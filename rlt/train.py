@@ -278,6 +278,11 @@ def check_overrides(overrides: list[str], *, multirun: bool) -> list[tuple[list[
 
 
 def main() -> None:
+    if "--help-key" in sys.argv:  # python -m rlt.train --help-key KEY: one key's entry of docs/config.md
+        from rlt.config.__main__ import main as config_main
+
+        i = sys.argv.index("--help-key")
+        sys.exit(config_main(["--key", *sys.argv[i + 1:i + 2]]))
     print_config = PRINT_CONFIG_FLAG in sys.argv
     if print_config:
         sys.argv.remove(PRINT_CONFIG_FLAG)

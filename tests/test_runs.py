@@ -286,3 +286,22 @@ def test_a_checkpoint_is_marked_complete_before_older_ones_are_rotated_away(comp
     _run(compose, tmp_path, "max_steps=3", "save_steps=1", "save_total_limit=1")
     assert seen == [["checkpoint-1"], ["checkpoint-1", "checkpoint-2"], ["checkpoint-2", "checkpoint-3"]]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_a_full_disk_is_recognised_without_its_errno(tmp_path, monkeypatch):
+    """torch 2.13's zip writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:672] .
+    unexpected pos ...`` without ENOSPC: counted as a full disk only when the run dir's disk is (nearly) full."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from rlt.recipes.common import disk_full
+
+    usage = namedtuple("usage", "total used free")
+    writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 456")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    assert disk_full(writer, tmp_path)
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert not disk_full(RuntimeError("CUDA out of memory"), tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    assert not disk_full(writer, tmp_path)  # the same message with space left is another fault: re-raised

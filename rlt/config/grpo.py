@@ -31,12 +31,12 @@ class GRPOSection:
     num_generations: int = 8  # completions per prompt (the group of the advantage)
     generation_aggregation_steps: int | None = None  # micro-batches generated together; null = GA (one round/step)
     max_prompt_length: int = 512  # tokens (chat template applied); longer prompts are dropped and counted
-    max_completion_length: int = 256
+    max_completion_length: int = 256  # tokens sampled per completion at most (cut ones: "clipped" in the log)
     temperature: float = 1.0  # sampling temperature; log-probs of the loss use the same temperature
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: the most likely tokens up to this total probability (1 = off)
+    top_k: int | None = None  # sample among the k most likely tokens only; null = off
+    min_p: float | None = None  # drop tokens below min_p × the top token's probability; null = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt or completion; 1 = off
     loss_type: str = "grpo"  # grpo: per-sequence token mean (reference) | dr_grpo | dapo | bnpo
     scale_rewards: str = "group"  # divide advantages by the group std (reference) | batch | none
     beta: float = 0.04  # k3 KL weight against the reference model (0 = no reference model)
@@ -44,8 +44,8 @@ class GRPOSection:
     epsilon_high: float | None = None  # DAPO clip-higher; null = epsilon
     num_iterations: int = 1  # optimisation passes per generation batch
     sync_ref_model: bool = False  # TR-DPO style: ref <- alpha * policy + (1 - alpha) * ref every N steps
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6  # sync_ref_model: alpha in ref <- alpha * policy + (1 - alpha) * ref
+    ref_model_sync_steps: int = 512  # sync_ref_model: optimizer steps between two updates of the reference
     mask_truncated_completions: bool = False  # exclude completions cut at max_completion_length from the loss
     reward_funcs: list[dict[str, Any]] = field(default_factory=list)  # [{_target_: dotted.path, kwarg: value}]
     reward_weights: list[float] | None = None  # null = all 1
@@ -55,18 +55,18 @@ class GRPOSection:
     vllm_kv_cache_memory_bytes: int | None = None  # KV cache size; null = 1 GiB on CPU, from the utilization on GPU
     vllm_enable_sleep_mode: bool = True  # GPU: free vLLM memory during the optimizer step (ignored on CPU)
     vllm_max_model_len: int | None = None  # null = max_prompt_length + max_completion_length
-    vllm_enable_prefix_caching: bool = True
+    vllm_enable_prefix_caching: bool = True  # vLLM computes a prompt shared by a group's completions once
     vllm_importance_sampling_correction: bool = True  # reweight by trainer/vLLM probability ratio (TRL's TIS)
     # token_truncate: per-token ratio clipped to [clip_min, clip_max] (never drops a sequence); TRL's default,
     # sequence_mask, zeroes whole sequences whose summed log-ratio leaves the bounds (long bf16 completions)
     vllm_importance_sampling_mode: str = "token_truncate"  # | token_mask | sequence_truncate | sequence_mask
-    vllm_importance_sampling_clip_min: float | None = None
-    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None  # lower bound of the ratio (*_mask: below = 0); null = none
+    vllm_importance_sampling_clip_max: float | None = 3.0  # upper bound of the ratio (*_mask: above = 0); null = none
     # TRL 1.16 multiplies the KL term by the (differentiable) IS ratio by default, which changes the KL gradient
     # even on-policy; false = the reference's plain k3 gradient
     use_bias_correction_kl: bool = False
     vllm_server_host: str = "127.0.0.1"  # vllm_server: the one server used when vllm_server_urls is empty
-    vllm_server_port: int = 8000
+    vllm_server_port: int = 8000  # vllm_server: the single server's port (with vllm_server_host)
     vllm_server_timeout: float = 240.0  # vllm_server: seconds to wait for every server's /health at start-up
     # vllm_server: base URLs of rlt vLLM servers (`python -m rlt.generation.vllm_server`; launch_multi.sh sets them),
     # prompts are split across them; [] = the single server http://{vllm_server_host}:{vllm_server_port}

@@ -27,7 +27,7 @@ class TeacherRewardSection:
     reduction_log_prob_fn: list[str] = field(default_factory=lambda: ["mean", "min"])  # R^lp over solution tokens
     reduction_kl_fn: list[str] = field(default_factory=lambda: ["mean", "max"])  # R^kl over explanation tokens
     normalize_log_prob_fn: str | None = None  # per token, before reducing: null (none) | exp | exp_norm (1 - e^-x)
-    normalize_kl_fn: str | None = None
+    normalize_kl_fn: str | None = None  # the same for the per-token KL values of the explanation
     clip_log_prob: float | None = 1e5  # log-probs clamped below at -clip_log_prob (1e5: no effect); null = off
     clip_kl: float | None = 1e5  # per-token KL clamped above at clip_kl (1e5: no effect); null = off
     use_schulman_kl_estimation: bool = False  # k3 (d + e^-d - 1 >= 0) instead of the k1 estimate d = q_k - s_k

@@ -35,15 +35,15 @@ class RunSection:
 
     algorithm: str = MISSING  # sft | grpo | rlt; set by trainer_cfg
     run_name: str = MISSING  # names the run dir: ${results_dir}/${run_name} (deterministic, so restarts resume)
-    results_dir: str = "results"
+    results_dir: str = "results"  # runs write to <results_dir>/<run_name>/ unless output_dir is set
     output_dir: str | None = None  # null = the Hydra job dir (results/<run_name>, or one subdir per multirun job)
-    seed: int = 42
+    seed: int = 42  # seeds Python, NumPy, torch, data shuffles and sampling (the run is reproducible)
     report_to: list[str] = field(default_factory=lambda: ["wandb"])  # wandb | tensorboard | none
-    wandb_project: str = "rlt"
+    wandb_project: str = "rlt"  # the wandb project runs log to (report_to=[wandb])
     wandb_group: str | None = None  # null = the sweep (one group per multirun), none for a single run
     wandb_mode: str | None = None  # null = online if credentials exist, else offline (never prompts)
     wandb_tags: list[str] = field(default_factory=list)  # added to the tags from the run (algorithm, run file, model)
-    logging_steps: int = 1
+    logging_steps: int = 1  # log metrics (console line, metrics.jsonl, wandb) every N optimizer steps
     verbose: bool = False  # show third-party progress bars and warnings (dataset map/filter bars, known noise)
     samples_every: int = 10  # every N logged steps, a few scored samples to samples.jsonl / wandb (0 = never)
     samples_per_dump: int = 4  # rows per dump: prompt, completion, reward and each reward term
@@ -54,7 +54,7 @@ class RunSection:
     sweep_objective: str | None = None
     sweep_direction: str | None = None  # minimize | maximize; null = by the objective (rewards, accuracies: maximize)
     save_steps: int = 50  # checkpoint every N optimizer steps
-    save_total_limit: int | None = 3
+    save_total_limit: int | None = 3  # keep the newest N checkpoint-* dirs (null = keep all)
     # true: continue from the last complete checkpoint in output_dir, if its config allows (docs/runs.md); force:
     # also with settings that change what is trained (recorded); false: start fresh (refused in a dir holding a run)
     resume: Any = True
@@ -65,6 +65,7 @@ class RunSection:
     # model whose architecture the memory check assumes when model_name_or_path / student_model cannot be read yet
     # (a warm-up checkpoint still to be trained, a hub model not downloaded): a hub id, directory or config.json
     memcheck_model_arch: str | None = None
+    # RLT: the student's architecture for memcheck when its config cannot be read
     memcheck_student_arch: str | None = None
 
     def problems(self) -> list[str]:
@@ -107,16 +108,16 @@ class ModelSection:
 
     model_name_or_path: str = MISSING  # hub id, local dir, or rlt:tiny / rlt:tiny-wide / rlt:smollm2-135m
     tokenizer_name_or_path: str | None = None  # null = same as the model
-    model_revision: str | None = None
+    model_revision: str | None = None  # hub revision (branch, tag or commit) of model_name_or_path
     torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (weights as loaded)
     attn_implementation: str | None = None  # null = transformers' default (sdpa); eager | sdpa | flash_attention_2
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # allow model code from the hub repo (needed by some architectures)
     pad_token: str | None = None  # null = repair automatically (never pad == eos)
     use_peft: bool = False  # LoRA adapters instead of full fine-tuning
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_r: int = 16  # LoRA rank (use_peft=true)
+    lora_alpha: int = 32  # LoRA scaling numerator: updates are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # modules that get adapters
     load_in_4bit: bool = False  # QLoRA (bitsandbytes nf4); CUDA only
 
     def problems(self) -> list[str]:
@@ -188,23 +189,23 @@ class DataSection:
 class OptimSection:
     """Optimisation and batch geometry shared by every trainer (`trainer_cfg/*`)."""
 
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-5  # peak learning rate of the optimizer
     optim: str = "adamw_torch"  # adamw_8bit / paged_adamw_8bit: 2 bytes of state per parameter instead of 8
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"  # transformers scheduler name: cosine | linear | constant | ...
+    warmup_ratio: float = 0.0  # fraction of the steps spent warming the learning rate up from 0
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    adam_beta1: float = 0.9  # AdamW beta1 (first-moment decay)
+    adam_beta2: float = 0.999  # AdamW beta2 (second-moment decay)
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this value
     max_steps: int = -1  # optimizer steps; -1 = run num_train_epochs
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 1.0  # passes over the train data when max_steps=-1
     train_batch_size: int = 8  # sequences per optimizer step, over all processes
     per_device_train_batch_size: int = 8  # micro-batch per forward/backward
     gradient_accumulation_steps: int | None = None  # null = train_batch_size / (per_device × world size)
-    per_device_eval_batch_size: int = 8
+    per_device_eval_batch_size: int = 8  # evaluation micro-batch per process
     mixed_precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | bf16 | fp16 | no
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower steps
     # evaluate every N steps (null: SFT only at the end if there is eval data; GRPO/RLT: no validation). GRPO/RLT:
     # held-out reward per reward function (+ GSM8K accuracy, teacher reward terms) on eval_split
     eval_steps: int | None = None

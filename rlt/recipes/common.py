@@ -132,18 +132,35 @@ def callbacks_for(run, out: Path) -> list:
     return callbacks + tracking_callbacks(run)
 
 
+def disk_full(error: BaseException, out, *, min_free_bytes: int = 64 * 2**20) -> bool:
+    """Whether `error` (raised while training, most often inside a checkpoint save) means the disk of `out` is full:
+    ENOSPC, its message, or a writer error that torch / safetensors raise without the errno (torch 2.13's zip writer:
+    ``RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos``, ``basic_ios::clear: iostream error``)
+    while less than `min_free_bytes` are free there."""
+    import errno
+    import shutil
+
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    text = str(error)
+    if not any(sign in text for sign in ("inline_container", "unexpected pos", "iostream error", "file write failed")):
+        return False
+    try:
+        return shutil.disk_usage(out).free < min_free_bytes
+    except OSError:
+        return False
+
+
 def train(trainer, resume: str | None, out: Path):
     """`trainer.train` from `resume`. A signal ends it with `RunStopped` once its checkpoint is saved (`rlt.stop`);
     a full disk with one line naming the step, the free space and the checkpoint kept."""
-    import errno
-
     from rlt.errors import RltError
     from rlt.run_dir import no_space_message
 
     try:
         result = trainer.train(resume_from_checkpoint=resume)
-    except (OSError, RuntimeError) as e:  # torch.save / safetensors report a full disk as RuntimeError
-        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e, out):
             raise
         raise RltError(no_space_message(out, trainer.state.global_step, None)) from None
     raise_if_stopped(trainer, str(out))
