@@ -23,11 +23,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """The parsed command line of an rlt CLI, with INFO logging on stderr unless the caller configured logging."""
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *,
+              quiet: bool = True) -> argparse.Namespace:
+    """The parsed command line of an rlt CLI, with INFO logging on stderr unless the caller configured logging, and
+    (`quiet`, for the tools that load models) third-party bars and warnings off unless the command has `--verbose`."""
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        from rlt.console import configure_noise
+
+        configure_noise(bool(getattr(args, "verbose", False)))  # no "Loading weights" bars, no third-party warnings
     return args
 
 

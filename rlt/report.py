@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from rlt.cli import parse_cli
 
-    args = parse_cli(build_parser(), argv)
+    args = parse_cli(build_parser(), argv, quiet=False)
     if args.last < 1:
         print("error: --last must be >= 1", file=sys.stderr)  # noqa: T201
         return 2

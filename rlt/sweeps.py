@@ -529,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlt.sweeps", description="Summarize a sweep: each job's "
                                      "status and objective value, and the best job; writes sweep_summary.json.")
     parser.add_argument("sweep_dir", help="the sweep dir (results/<run_name>/multirun, or hydra.sweep.dir)")
-    args = parse_cli(parser, argv)
+    args = parse_cli(parser, argv, quiet=False)
     if not any(Path(args.sweep_dir).glob(f"*/{JOB_FILE}")):
         print(f"error: {args.sweep_dir} holds no sweep job ({JOB_FILE} in its job dirs)", file=sys.stderr)
         return 2
