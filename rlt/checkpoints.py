@@ -25,6 +25,26 @@ from transformers import TrainerCallback
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".rlt_complete"
+
+
+def _cpu_index_location(storage, location: str):
+    """torch.load's restore of a `map_location` like "cpu:0" (None for any other): on CPU storages already are."""
+    return storage if re.fullmatch(r"cpu:\d+", location) else None
+
+
+def allow_indexed_cpu_map_location() -> None:
+    """Let torch.load take ``map_location="cpu:N"``. Resuming a run of several CPU processes (gloo) failed with
+    "don't know how to restore data location ... (tagged with cpu:0)": transformers loads the optimizer state with
+    ``map_location=args.device`` when the world size is > 1, and that device is ``cpu:<local rank>`` there, which
+    torch has no loader for. Registering one more loader changes nothing else (its tagger tags nothing)."""
+    import torch.serialization
+
+    if not getattr(allow_indexed_cpu_map_location, "done", False):
+        torch.serialization.register_package(30, lambda obj: None, _cpu_index_location)
+        allow_indexed_cpu_map_location.done = True
+
+
+allow_indexed_cpu_map_location()
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -305,3 +305,20 @@ def test_a_full_disk_is_recognised_without_its_errno(tmp_path, monkeypatch):
     assert not disk_full(RuntimeError("CUDA out of memory"), tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
     assert not disk_full(writer, tmp_path)  # the same message with space left is another fault: re-raised
+
+
+def test_checkpoint_state_loads_with_an_indexed_cpu_map_location():
+    """Resuming several CPU processes: transformers loads the optimizer state with map_location=args.device, which
+    is cpu:<local rank> there (torch could not load it: "don't know how to restore data location ... cpu:0")."""
+    import io
+
+    import torch
+
+    import rlt.checkpoints  # noqa: F401 - registers the loader
+
+    buffer = io.BytesIO()
+    torch.save({"state": {0: {"exp_avg": torch.arange(3.0)}}}, buffer)
+    for location in ("cpu:0", torch.device("cpu", 1), "cpu"):
+        buffer.seek(0)
+        loaded = torch.load(buffer, map_location=location, weights_only=True)
+        assert torch.equal(loaded["state"][0]["exp_avg"], torch.arange(3.0))
