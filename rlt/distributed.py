@@ -64,6 +64,22 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def cpu_sets(servers: int, trainers: int, cores: list[int] | None = None) -> list[list[int]]:
+    """CPU mode: the cores of each server, then those the `trainers` training processes share, so that generation
+    and training do not slow each other down (asynchronous generation runs them at the same time). Each process gets
+    len(cores) // (servers + trainers) cores, the trainers the rest; [] when there are fewer cores than processes.
+    `cores`: default, those this process may run on.
+
+    Worked example: 1 server, 1 trainer, cores [0, 1] -> [[0], [1]]; 2 servers, 1 trainer, cores 0..7 -> 8 // 3 = 2
+    each: [[0, 1], [2, 3], [4, 5, 6, 7]]; 1 server, 2 trainers, cores [0, 1] -> [].
+    """
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+    share = len(cores) // (servers + trainers) if servers + trainers else 0
+    if share == 0:
+        return []
+    return [cores[i * share:(i + 1) * share] for i in range(servers)] + [cores[servers * share:]]
+
+
 def check(world: int, servers: int, run_cfg: str, overrides: list[str], *, cpu: bool | None = None) -> str:
     """Validate the run for `world` training processes and `servers` generation servers; a one-line summary.
 
@@ -287,7 +303,7 @@ def ray_launch(args, out=sys.stderr) -> int:
 
     if args.num_train % args.nodes:
         raise UsageError(f"NUM_TRAIN_GPUS={args.num_train} is not a multiple of --nodes {args.nodes}")
-    run = compose(args.run_cfg, args.overrides, world_size=args.num_train)
+    run = compose(args.run_cfg, _server_side(args), world_size=args.num_train)
     bundles = _ray_bundles(args)
     if args.address == "local":  # a one-machine cluster started here (tests, trying it out)
         ray.init(num_cpus=len(bundles), num_gpus=0 if args.cpu else None, include_dashboard=False)
@@ -303,6 +319,12 @@ def ray_launch(args, out=sys.stderr) -> int:
     finally:
         cluster.stop()
         ray.shutdown()
+
+
+def _server_side(args) -> list[str]:
+    """The run's overrides as the servers (and the launcher's checks) see them: with servers, the trainer's
+    generation_backend=vllm_server too (keys such as async_generation are only valid with it)."""
+    return [*args.overrides, "generation_backend=vllm_server"] if args.servers else list(args.overrides)
 
 
 def _ray_gpus(args) -> tuple[int, int]:
@@ -384,7 +406,7 @@ def _ray_start_servers(cluster: _RayActors, args, timeout: float, out) -> list[s
         log = str(Path(args.log_dir) / f"vllm_server_{i}.log")
         cmd = [sys.executable, "-m", "rlt.generation.vllm_server", "--host", "0.0.0.0", "--port", str(port),
                "--index", str(i), "--train-world-size", str(args.num_train), "--tensor-parallel-size",
-               str(args.tp), args.run_cfg, *args.overrides]
+               str(args.tp), args.run_cfg, *_server_side(args)]
         pid = cluster.start(a, cmd, log, f"{ip} server {i}")
         servers.append(a)
         waits.append((f"http://{ip}:{port}", pid, log))
@@ -444,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("free-ports", help="print N free TCP ports, one a line")
     f.add_argument("count", type=int)
     f.add_argument("--host", default="127.0.0.1")
+    cs = sub.add_parser("cpu-sets", help="CPU mode: the cores of each server, then the trainers', one a line "
+                        "(comma-separated); nothing when there are fewer cores than processes")
+    cs.add_argument("servers", type=int)
+    cs.add_argument("trainers", type=int)
     w = sub.add_parser("wait", help="wait for the servers' /health (timeout: the run's vllm_server_timeout)")
     w.add_argument("--server", nargs=3, action="append", metavar=("URL", "PID", "LOG"), required=True)
     w.add_argument("--timeout", type=float, default=None, help="seconds (default: the run's vllm_server_timeout)")
@@ -481,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.count < 1:
                 raise UsageError("free-ports needs a count >= 1")
             print("\n".join(map(str, free_ports(args.count, args.host))))  # noqa: T201
+        elif args.command == "cpu-sets":
+            for cores in cpu_sets(args.servers, args.trainers):
+                print(",".join(map(str, cores)))  # noqa: T201
         elif args.command == "check":
             print(check(args.world_size, args.servers, args.run_cfg, args.overrides, cpu=args.cpu))  # noqa: T201
         elif args.command == "supervise":

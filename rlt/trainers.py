@@ -1,7 +1,8 @@
-"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with seven additions, numbered as in docs/grpo.md ("What our trainer does
-that plain TRL does not"): fewer forwards (1, 6, 7), sampling log-probs for rewards (2), and a reference model that
-is checkpointed when synced (3), can live on CPU (4) and has the policy's vocabulary (5). The TRL internals it
-overrides and swaps are listed in `rlt.trl_patches`, checked when this module is imported.
+"""`GRPOTrainer`: TRL 1.16's GRPOTrainer with eight additions, numbered as in docs/grpo.md ("What our trainer does
+that plain TRL does not"): fewer forwards (1, 6, 7), sampling log-probs for rewards (2), a reference model that is
+checkpointed when synced (3), can live on CPU (4) and has the policy's vocabulary (5), and asynchronous generation
+with vLLM servers (8). The TRL internals it overrides and swaps are listed in `rlt.trl_patches`, checked when this
+module is imported.
 """
 
 from __future__ import annotations
@@ -165,17 +166,18 @@ def _rounds_split_by_length():
 
 
 class GRPOTrainer(TRLGRPOTrainer):
-    """TRL's GRPOTrainer plus the seven additions of docs/grpo.md (its overrides: `rlt.trl_patches.HOOKS`).
+    """TRL's GRPOTrainer plus the eight additions of docs/grpo.md (its overrides: `rlt.trl_patches.HOOKS`).
     `is_ratio_from_loss` and `groups_micro_batches_by_length` tell whether additions 1 and 7 are active for this
     configuration; `trims_completion_padding` switches addition 6 (on)."""
 
     trims_completion_padding = True
 
-    def __init__(self, *args, offload_reference: bool = False, **kwargs):
+    def __init__(self, *args, offload_reference: bool = False, max_staleness: int = 0, **kwargs):
         policy = kwargs.get("model", args[0] if args else None)
         with _reference_like(policy if isinstance(policy, torch.nn.Module) else None):
             super().__init__(*args, **kwargs)
         self._setup_reference_offload(offload_reference)
+        self._setup_async_generation(max_staleness)
         generate_every = self.args.steps_per_generation * self.num_iterations
         self.is_ratio_from_loss = bool(self.use_vllm and self.vllm_importance_sampling_correction
                                        and self.args.gradient_accumulation_steps % generate_every == 0)
@@ -254,6 +256,9 @@ class GRPOTrainer(TRLGRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         self._hf_sampling_logprobs = None
+        if self.async_rounds is not None and self.model.training:  # 8: sampled ahead, next rounds submitted
+            num_generations = args[2] if len(args) > 2 else kwargs["num_generations"]
+            return self.async_rounds.generate(prompt_ids, num_generations)
         if self.use_vllm or not self.records_hf_sampling_logprobs:
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         recorder = SamplingLogprobRecorder(self.temperature)
@@ -412,7 +417,41 @@ class GRPOTrainer(TRLGRPOTrainer):
     # ---- 7. micro-batches grouped by completion length
 
     def _prepare_inputs(self, generation_batch):
+        if self.async_rounds is not None and self.model.training:
+            self.async_rounds.locate(generation_batch)  # 8: which round of the data stream this is
         if not (self.groups_micro_batches_by_length and self.model.training):
             return super()._prepare_inputs(generation_batch)
         with _rounds_split_by_length():
             return super()._prepare_inputs(generation_batch)
+
+    # ---- 8. asynchronous generation (vllm_server): the servers sample the next rounds while this one trains
+
+    def _setup_async_generation(self, max_staleness: int) -> None:
+        """With `max_staleness` ≥ 1, rounds are sampled up to that many rounds ahead (`rlt.generation.async_rounds`);
+        0 keeps TRL's synchronous generation."""
+        self.async_rounds = None
+        generation = getattr(self, "vllm_generation", None)
+        if hasattr(generation, "policy_step"):
+            generation.policy_step = lambda: self.state.global_step  # tags each weight push with its step
+        if not max_staleness:
+            return
+        unsupported = [name for name, used in (
+            ("a vLLM server generator (generation_backend=vllm_server)",
+             not (self.use_vllm and hasattr(generation, "submit"))),
+            ("no tools", bool(self.tools)), ("no rollout_func", self.rollout_func is not None),
+            ("no environments", getattr(self, "environment_factories", None) is not None)) if used]
+        if unsupported:
+            raise ValueError(f"asynchronous generation needs {', '.join(unsupported)}")
+        from rlt.generation.async_rounds import AsyncRounds
+
+        self.async_rounds = AsyncRounds(self, max_staleness)
+        client = getattr(generation, "vllm_client", None)  # rank 0's: the weights go out with the next round
+        if client is not None:
+            client.defer_weight_push = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.async_rounds is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items = super().get_batch_samples(self.async_rounds.wrap(epoch_iterator), num_batches, device)
+        self.async_rounds.handed_out(batches)
+        return batches, num_items

@@ -55,7 +55,7 @@ _COLOCATED = "rlt.generation.vllm_colocate.ColocatedVLLMGeneration"
 _SERVER = "rlt.generation.server_patch.ServerVLLMGeneration"
 
 HOOKS: tuple[Hook, ...] = (
-    # rlt.trainers.GRPOTrainer: the seven additions of docs/grpo.md (numbers in brackets)
+    # rlt.trainers.GRPOTrainer: the eight additions of docs/grpo.md (numbers in brackets)
     Hook(_TRAINER, "_generate_and_score_completions", "method", "override", _OURS,
          "[1] generates with the IS correction off, so TRL skips its old-log-prob forward"),
     Hook(_TRAINER, "_compute_loss", "method", "override", _OURS,
@@ -93,6 +93,21 @@ HOOKS: tuple[Hook, ...] = (
          "[3] the folder of the checkpoint being written"),
     Hook(_TRAINER, "_logs", "instance attribute", "uses", "rlt.samples.SamplesRecorder._advantages",
          "the advantages TRL keeps of its last round for log_completions, in samples.jsonl rows"),
+    # 8. asynchronous generation (rlt.generation.async_rounds, vllm_server): rounds sampled ahead while one trains
+    Hook("transformers.trainer.Trainer", "get_batch_samples", "method", "override", _OURS,
+         "[8] the training loop reads the data through rlt.generation.async_rounds.Lookahead (rounds read ahead)"),
+    Hook(_TRAINER, "_tokenize_prompts", "method", "uses", "rlt.generation.async_rounds.AsyncRounds._submit_ahead",
+         "[8] a round read ahead is tokenized as TRL tokenizes the round it generates"),
+    Hook(_TRAINER, "_last_loaded_step", "instance attribute", "uses", "rlt.generation.async_rounds.AsyncRounds",
+         "[8] TRL's record of the step whose weights the servers hold: pushes are skipped or made as TRL's are"),
+    Hook(_TRAINER, "_step", "instance attribute", "uses", "rlt.generation.async_rounds.AsyncRounds._submit_ahead",
+         "[8] micro-steps done: no round is read ahead past max_steps"),
+    Hook("trl.extras.profiling", "profiling_context", "function", "uses", "rlt.generation.async_rounds.AsyncRounds",
+         "[8] a weight push is timed as TRL times its own (profiling/Time taken: ...sync_weights)"),
+    Hook(_VLLM_GENERATION, "sync_weights", "method", "override", _SERVER,
+         "[8] records the optimizer step of each push, to measure how stale a round is"),
+    Hook(_VLLM_GENERATION, "generation_kwargs", "instance attribute", "uses", f"{_SERVER}.submit",
+         "[8] a round submitted ahead is sampled with TRL's sampling settings (as its server-mode generate)"),
     # the vLLM generation backends (rlt.generation), built by TRL's GRPOTrainer.__init__ through a module global
     Hook(_GRPO, "VLLMGeneration", "class", "swap", "rlt.trl_patches.vllm_generation_swapped",
          "TRL has no factory hook: use_colocated_vllm / use_vllm_servers build our backend classes through it"),

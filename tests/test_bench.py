@@ -118,3 +118,14 @@ def test_padding_quick(tmp_path, gsm8k_dir):
     assert rows["cut+groups"]["forwarded_per_valid"] <= rows["cut"]["forwarded_per_valid"] \
         < rows["trl"]["forwarded_per_valid"]
     assert min(result["lengths"]) < max(result["lengths"])
+
+
+@pytest.mark.vllm
+def test_async_step_quick(tmp_path):
+    """One sync/async pair of 4-step runs through launch_multi.sh 1 1 --cpu: both measured, the async one stale."""
+    pytest.importorskip("vllm")
+    stdout, result = _run("async_step.py", tmp_path, "--work", str(tmp_path / "runs"))
+    assert "async/sync:" in stdout
+    pair = result["step_time"]["tiny_grpo"]["pairs"][0]
+    assert pair["sync"]["step_s"] > 0 and pair["async"]["step_s"] > 0 and pair["ratio"] > 0
+    assert pair["async"]["async/staleness"][1] == 1.0 and "async/staleness" not in pair["sync"]

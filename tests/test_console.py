@@ -36,6 +36,12 @@ def test_grpo_line():
         "eta 11m02s")
 
 
+def test_async_line_shows_the_staleness():
+    line = format_step({**GRPO_LOGS, "async/staleness": 1.0, "timing/generation_s": 0.01}, 12, 300)
+    assert "| len 87 (clipped 0.12) | stale 1 | 2.3 s/step (gen 0.01," in line
+    assert "| stale 0.5 |" in format_step({**GRPO_LOGS, "async/staleness": 0.5}, 2, 300)  # a mean over 2 steps
+
+
 def test_rlt_line_shows_the_teacher_terms_instead_of_the_function_means():
     logs = {**GRPO_LOGS, "rewards/teacher_kl/mean": -8.13, "teacher_kl/log_prob_term": -7.107,
             "teacher_kl/kl_term": 0.0215, "teacher_kl/match_reward": -1.0, "teacher_kl/unclosed": 1.0,

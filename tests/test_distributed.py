@@ -149,6 +149,7 @@ class _StandIn(http.server.ThreadingHTTPServer):
         self.requests: list[tuple[str, object]] = []
         self.delay = delay
         self.loaded: list = []
+        self.version = 0
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -191,7 +192,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                            for j in range(req["n"])]
             return self._reply({"prompt_ids": req["prompts"], "completion_ids": completions,
                                 "logprobs": [[[-0.5]] * 3 for _ in completions],
-                                "logprob_token_ids": [[[t] for t in c] for c in completions]})
+                                "logprob_token_ids": [[[t] for t in c] for c in completions],
+                                "weights_version": server.version})
         if self.path.startswith("/update_weights"):
             from safetensors.torch import load, load_file
 
@@ -202,7 +204,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 tensors = load(body)
                 server.requests.append(("update_weights", "bytes"))
             server.loaded.append(tensors)
-            return self._reply({"num_tensors": len(tensors), "seconds": 0.0, "weights_version": 1})
+            query = self.path.partition("?")[2]
+            server.version = int(json.loads(body)["version"] if not query else query.split("version=")[1])
+            return self._reply({"num_tensors": len(tensors), "seconds": 0.0, "weights_version": server.version})
         server.requests.append((self.path, None))
         return self._reply({"success": True})
 
@@ -246,6 +250,33 @@ def test_weights_go_through_shm_locally_and_in_the_body_to_other_hosts():
     torch.testing.assert_close(remote.loaded[-1]["b.bias"], torch.ones(2))
     auto.reset_prefix_cache()
     assert remote.requests[-1] == ("/reset_prefix_cache", None)
+
+
+def test_a_deferred_weight_push_goes_out_with_the_next_generate_and_only_the_newest_copy():
+    """Asynchronous generation: the trainer only copies its weights; the next generate (on the rollout thread) pushes
+    them first, and the servers say which weights sampled (`weights_version`). Two copies before a generate: the
+    servers get the newer one only, as version 3 (version 2 is never pushed)."""
+    import torch
+
+    server = _StandIn()
+    client = vcl.VLLMServerClient([server.url], transport="shm")
+    client.defer_weight_push = True
+    client.update_named_params(None, iter([("w", torch.zeros(2))]))
+    assert server.requests == [] and client.weights_version == 1
+    assert client.generate([[5]], n=1)["weights_version"] == 1
+    assert [kind for kind, _ in server.requests] == ["update_weights", "generate"]
+    client.update_named_params(None, iter([("w", torch.ones(2))]))
+    client.update_named_params(None, iter([("w", torch.full((2,), 2.0))]))
+    out = client.generate([[5]], n=1)
+    assert out["weights_version"] == 3 == server.version and len(server.loaded) == 2
+    torch.testing.assert_close(server.loaded[-1]["w"], torch.full((2,), 2.0))
+    assert client.generate([[5]], n=1)["weights_version"] == 3 and len(server.loaded) == 2  # nothing new to push
+
+
+def test_cpu_sets_give_each_server_its_own_cores_and_the_trainers_the_rest():
+    assert distributed.cpu_sets(1, 1, [0, 1]) == [[0], [1]]
+    assert distributed.cpu_sets(2, 1, range(8)) == [[0, 1], [2, 3], [4, 5, 6, 7]]
+    assert distributed.cpu_sets(1, 2, [0, 1]) == []
 
 
 def test_a_dead_or_slow_server_stops_with_a_message_naming_it():

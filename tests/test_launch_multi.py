@@ -34,9 +34,19 @@ def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def commands(stdout: str) -> list[list[str]]:
-    """The dry run's command lines, split as the shell would (comments dropped, redirections kept as words)."""
-    return [shlex.split(line) for line in stdout.splitlines() if line and not line.startswith("#")]
+def commands(stdout: str, *, pinned: bool = False) -> list[list[str]]:
+    """The dry run's command lines, split as the shell would (comments dropped, redirections kept as words); unless
+    `pinned`, without the ``taskset -c CORES`` after ``setsid`` (CPU mode pins processes when there are enough cores:
+    test_dry_run_cpu_mode_gives_servers_and_trainers_their_own_cores)."""
+    out = []
+    for line in stdout.splitlines():
+        if line and not line.startswith("#"):
+            words = shlex.split(line)
+            if not pinned and "setsid" in words and words[words.index("setsid") + 1:][:1] == ["taskset"]:
+                at = words.index("setsid") + 1
+                del words[at:at + 3]
+            out.append(words)
+    return out
 
 
 # ---------------------------------------------------------------- argument errors: exit 2, one clear line
@@ -84,7 +94,8 @@ def test_dry_run_cpu_one_server_two_trainers():
     assert check[-3:] == ["max_steps=2", "generation_backend=vllm_server", f"vllm_server_urls=[{url}]"]
     assert server[:3] == ["env", "CUDA_VISIBLE_DEVICES=", "setsid"]
     assert server[4:6] == ["-m", "rlt.generation.vllm_server"] and "--train-world-size" in server
-    assert server[-6:] == ["tiny_grpo", "max_steps=2", ">", "/tmp/L/vllm_server_0.log", "2>&1", "&"]  # no URLs
+    assert server[-7:] == ["tiny_grpo", "max_steps=2", "generation_backend=vllm_server", ">",
+                           "/tmp/L/vllm_server_0.log", "2>&1", "&"]  # no URLs
     assert wait[1:4] == ["-m", "rlt.distributed", "wait"] and wait[6:9] == ["--server", url, "PID_OF_SERVER_0"]
     assert train[:3] == ["env", "CUDA_VISIBLE_DEVICES=", "setsid"]
     assert train[4:6] == ["-m", "accelerate.commands.launch"]
@@ -94,6 +105,25 @@ def test_dry_run_cpu_one_server_two_trainers():
     assert main_port != port
     assert train[-4:] == ["run_cfg=tiny_grpo", "max_steps=2", "generation_backend=vllm_server",
                           f"vllm_server_urls=[{url}]"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPU cores")
+def test_dry_run_cpu_mode_gives_servers_and_trainers_their_own_cores():
+    """1 server + 1 trainer on 2 cores (the launcher itself restricted to cores of this machine): one core each; 1
+    server + 2 trainers on 2 cores: no pinning, and a note saying so."""
+    two = sorted(os.sched_getaffinity(0))[:2]
+    limited = ["taskset", "-c", ",".join(map(str, two)), str(SCRIPT)]
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"PYTHON": sys.executable}
+    r = subprocess.run([*limited, "1", "1", "tiny_grpo", "--cpu", "--dry-run"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _, server, _, train = commands(r.stdout, pinned=True)
+    assert server[3:6] == ["taskset", "-c", str(two[0])] and server[7:9] == ["-m", "rlt.generation.vllm_server"]
+    assert train[3:6] == ["taskset", "-c", str(two[1])] and train[7:9] == ["-m", "rlt.train"]
+    r = subprocess.run([*limited, "1", "2", "tiny_grpo", "--cpu", "--dry-run"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "taskset" not in r.stdout and "servers and trainers share the CPU cores" in r.stderr
 
 
 def test_dry_run_no_server_keeps_the_runs_backend_and_single_process_runs_plain_python():
@@ -149,8 +179,8 @@ def test_dry_run_gpu_mode_assigns_devices_and_checks_memory_with_zero(fake_gpus)
     assert "GPU mode, 2 GPU(s) per server" in r.stdout
     memcheck, check, s0, s1, wait, train = commands(r.stdout)
     assert memcheck[1:4] == ["-m", "rlt.memcheck", "teacher_rlt"]
-    assert " ".join(memcheck[4:]) == "--num-gpus 4 --zero 3 --gpu-memory 81559MiB --vllm-gpus 2 --offload " \
-                                     "--offload-params"
+    assert " ".join(memcheck[4:]) == "generation_backend=vllm_server --num-gpus 4 --zero 3 --gpu-memory 81559MiB " \
+                                     "--vllm-gpus 2 --offload --offload-params"
     assert s0[1] == "CUDA_VISIBLE_DEVICES=0,1" and s1[1] == "CUDA_VISIBLE_DEVICES=2,3"
     assert s0[s0.index("--tensor-parallel-size") + 1] == "2"
     assert train[1] == "CUDA_VISIBLE_DEVICES=4,5,6,7"

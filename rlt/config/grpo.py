@@ -73,6 +73,11 @@ class GRPOSection:
     vllm_server_urls: list[str] = field(default_factory=list)
     vllm_server_request_timeout: float = 600.0  # vllm_server: seconds one generate/weight-update request may take
     vllm_server_gpu_memory_utilization: float = 0.9  # GPU share a dedicated server reserves (weights + KV cache)
+    # vllm_server: the servers sample the next generation rounds while the trainer trains on the current one
+    # (docs/distributed.md, "Asynchronous generation"); rounds are then up to max_staleness rounds off-policy,
+    # corrected by the importance-sampling ratio
+    async_generation: bool = False
+    max_staleness: int = 1  # async_generation: generation rounds sampled ahead of the one being trained (>= 1)
     log_completions: bool = False  # print/log a sample of completions at each logging step
 
     def generation_round(self) -> int:
@@ -183,10 +188,29 @@ class GRPOSection:
                           "log_softmax(logits / temperature), so every ratio is biased below 1. Set "
                           "vllm_importance_sampling_correction=false, or sample with top_p=1, top_k=null, "
                           "min_p=null, repetition_penalty=1")
+        errors += self._async_problems()
         if self.vllm_max_model_len is not None and self.vllm_max_model_len < self.max_prompt_length + \
                 self.max_completion_length:
             errors.append(f"vllm_max_model_len={self.vllm_max_model_len} is shorter than max_prompt_length "
                           f"{self.max_prompt_length} + max_completion_length {self.max_completion_length}")
+        return errors
+
+    def _async_problems(self) -> list[str]:
+        """What asynchronous generation cannot do."""
+        if not self.async_generation:
+            return []
+        errors: list[str] = []
+        if self.max_staleness < 1:
+            errors.append(f"max_staleness={self.max_staleness} must be >= 1 with async_generation=true (rounds "
+                          "sampled ahead of the one training; for synchronous generation set async_generation=false)")
+        if self.generation_backend != "vllm_server":
+            where = "in the training process" if self.generation_backend == "hf" else "on the training GPU"
+            errors.append(f"async_generation=true needs generation_backend=vllm_server, not "
+                          f"{self.generation_backend}, which generates {where}: there is nothing to overlap. Start "
+                          "vLLM servers beside the trainer (launch_multi.sh N M ...) or set async_generation=false")
+        if not self.vllm_importance_sampling_correction:
+            errors.append("async_generation=true samples with weights up to max_staleness rounds old: keep "
+                          "vllm_importance_sampling_correction=true, the ratio that corrects for it")
         return errors
 
 

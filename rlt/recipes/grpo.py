@@ -55,7 +55,8 @@ def fit(run, out: Path, tokenizer, train_ds, eval_ds, reward_funcs, *, on_traine
                               peft_config=common.peft_config_for(run),
                               callbacks=[*common.callbacks_for(run, out), *samples.callbacks_for(run, out),
                                          *callbacks],
-                              offload_reference=getattr(run, "offload_untrained_models", False))
+                              offload_reference=getattr(run, "offload_untrained_models", False),
+                              max_staleness=run.max_staleness if run.async_generation else 0)
     console.quiet_trainer(trainer)
     if on_trainer is not None:
         on_trainer(trainer)
