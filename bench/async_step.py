@@ -115,7 +115,7 @@ def learning(args, work: Path) -> dict:
     problems = task.held_out_problems(sft_run, args.eval_n)
     grpo_over = [*[o for o in task.GRPO_OVERRIDES if not o.startswith("generation_backend=")], *task.TASK_OVERRIDES,
                  f"model_name_or_path={sft_dir / 'final'}", "save_steps=100000", "logging_steps=10",
-                 *([f"max_steps={args.learning_steps}"] if args.learning_steps else [])]
+                 *([f"max_steps={args.learning_steps}"] if args.learning_steps else []), *args.grpo]
     out: dict = {"grpo_overrides": grpo_over, "before": task.accuracy(str(sft_dir / "final"), problems, 64),
                  "seeds": {}}
     print(f"held-out accuracy after the warm-up: {out['before']['accuracy']:.1%}", flush=True)
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--learning-steps", type=int, default=0, help="GRPO steps (0: bench/learning.py's)")
     p.add_argument("--learning-seeds", type=int, nargs="+", default=[42, 1, 2],
                    help="run seeds: a sync and an async GRPO run each (the accuracies are averaged)")
+    p.add_argument("--grpo", nargs="*", default=[], help="extra Hydra overrides of the learning runs' GRPO, e.g. "
+                   "learning_rate=1e-4")
     p.add_argument("--sft-steps", type=int, default=180)
     p.add_argument("--reuse-sft", action="store_true", help="reuse a warm-up left in --work")
     p.add_argument("--eval-n", type=int, default=200)
