@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from rlt.errors import RltError
+from rlt.generation import server_guard as guard
 from rlt.generation import vllm_client as vcl
 from rlt.generation import vllm_server as vs
 from rlt.generation.shm import shm_dir, weights_file_in_shm
@@ -35,27 +36,27 @@ TOKEN = secrets.token_hex(32)
 # ---------------------------------------------------------------- pure rules (no server)
 
 def test_token_refusal_is_401_without_a_bearer_token_and_403_with_another():
-    assert vs.token_refusal(None, TOKEN) == 401
-    assert vs.token_refusal("", TOKEN) == 401
-    assert vs.token_refusal(f"Basic {TOKEN}", TOKEN) == 401
-    assert vs.token_refusal("Bearer ", TOKEN) == 401
-    assert vs.token_refusal("Bearer " + "0" * 64, TOKEN) == 403
-    assert vs.token_refusal("Bearer é", TOKEN) == 403  # non-ASCII compares as bytes, no TypeError
-    assert vs.token_refusal(f"Bearer {TOKEN}", TOKEN) is None
-    assert vs.token_refusal(f"bearer  {TOKEN} ", TOKEN) is None
+    assert guard.token_refusal(None, TOKEN) == 401
+    assert guard.token_refusal("", TOKEN) == 401
+    assert guard.token_refusal(f"Basic {TOKEN}", TOKEN) == 401
+    assert guard.token_refusal("Bearer ", TOKEN) == 401
+    assert guard.token_refusal("Bearer " + "0" * 64, TOKEN) == 403
+    assert guard.token_refusal("Bearer é", TOKEN) == 403  # non-ASCII compares as bytes, no TypeError
+    assert guard.token_refusal(f"Bearer {TOKEN}", TOKEN) is None
+    assert guard.token_refusal(f"bearer  {TOKEN} ", TOKEN) is None
 
 
 def test_a_server_without_token_listens_on_loopback_only():
-    assert vs.is_loopback("127.0.0.1") and vs.is_loopback("::1") and vs.is_loopback("localhost")
-    assert not vs.is_loopback("0.0.0.0") and not vs.is_loopback("::") and not vs.is_loopback("10.1.2.3")
-    assert vs.server_token("127.0.0.1", {}) is None
-    assert vs.server_token("0.0.0.0", {vs.TOKEN_ENV: TOKEN}) == TOKEN
+    assert guard.is_loopback("127.0.0.1") and guard.is_loopback("::1") and guard.is_loopback("localhost")
+    assert not guard.is_loopback("0.0.0.0") and not guard.is_loopback("::") and not guard.is_loopback("10.1.2.3")
+    assert guard.server_token("127.0.0.1", {}) is None
+    assert guard.server_token("0.0.0.0", {vs.TOKEN_ENV: TOKEN}) == TOKEN
     with pytest.raises(RltError, match=r"--host 0.0.0.0 can be reached from other machines.*RLT_SERVER_TOKEN"):
-        vs.server_token("0.0.0.0", {})
+        guard.server_token("0.0.0.0", {})
     with pytest.raises(RltError, match=r"at least 16 printable ASCII characters"):
-        vs.server_token("127.0.0.1", {vs.TOKEN_ENV: "short"})
+        guard.server_token("127.0.0.1", {vs.TOKEN_ENV: "short"})
     with pytest.raises(RltError, match=r"without spaces"):
-        vs.server_token("127.0.0.1", {vs.TOKEN_ENV: "a token with spaces in it"})
+        guard.server_token("127.0.0.1", {vs.TOKEN_ENV: "a token with spaces in it"})
 
 
 def test_server_refuses_to_start_on_a_public_address_without_token():
@@ -89,22 +90,22 @@ def test_weights_paths_must_lie_directly_in_the_shm_dir(tmp_path):
 
 
 def test_generate_requests_are_bounded_before_any_work():
-    limits = vs.Limits(max_upload_bytes=1, max_sequences=8, max_prompt_tokens=4)
-    prompts, seeds, params = vs.generate_plan({"prompts": [[1, 2], [3]], "n": 4, "seeds": [7, None],
+    limits = guard.Limits(max_upload_bytes=1, max_sequences=8, max_prompt_tokens=4)
+    prompts, seeds, params = guard.generate_plan({"prompts": [[1, 2], [3]], "n": 4, "seeds": [7, None],
                                                "generation_kwargs": {"seed": 5}}, limits)
     assert prompts == [[1, 2], [3]] and seeds == [7, 5] and params["n"] == 4 and "seed" not in params
 
     def status(request):
-        with pytest.raises(vs.Rejected) as e:
-            vs.generate_plan(request, limits)
+        with pytest.raises(guard.Rejected) as e:
+            guard.generate_plan(request, limits)
         return e.value.status, e.value.reason
 
     assert status({"prompts": [[1]] * 3, "n": 3}) == (413, "3 prompts × n=3 = 9 sequences, more than "
                                                            "--max-sequences-per-request 8: split the request")
     assert status({"prompts": [[1]], "generation_kwargs": {"n": 9}})[0] == 413  # n cannot sneak in past the limit
     assert status({"prompts": [[1, 2, 3, 4, 5]]}) == (413, "prompts[0] has 5 tokens, more than --max-prompt-tokens 4")
-    with pytest.raises(vs.Rejected, match=r"prompts\[1\] has token id 9, outside the vocabulary \(size 9\)"):
-        vs.generate_plan({"prompts": [[8], [9]]}, limits, vocab_size=9)
+    with pytest.raises(guard.Rejected, match=r"prompts\[1\] has token id 9, outside the vocabulary \(size 9\)"):
+        guard.generate_plan({"prompts": [[8], [9]]}, limits, vocab_size=9)
     for bad in [[], "hi", {"prompts": "hi"}, {"prompts": [[1], ["a"]]}, {"prompts": [[-1]]}, {"prompts": [[]]},
                 {"prompts": [[1]], "n": 0}, {"prompts": [[1]], "n": "x"}, {"prompts": [[1]], "seeds": [1, 2]},
                 {"prompts": [[1]], "generation_kwargs": [1]}, {"prompts": [[1]], "generation_kwargs": {"n": 1.5}}]:
@@ -120,7 +121,7 @@ def test_weights_files_are_checked_against_the_model_from_their_header(tmp_path)
     def check(tensors):
         path = tmp_path / "w.safetensors"
         save_file(tensors, str(path))
-        return vs.check_weights_file(str(path), expected)
+        return guard.check_weights_file(str(path), expected)
 
     assert check({"w": torch.zeros(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)}) == 2
     assert check({"w": torch.zeros(2, 3)}) == 1  # a subset is fine
@@ -128,17 +129,17 @@ def test_weights_files_are_checked_against_the_model_from_their_header(tmp_path)
                              ({"x": torch.zeros(1)}, r"1 tensor\(s\) the model does not have: x"),
                              ({"w": torch.zeros(2, 3, dtype=torch.int64)}, r"floating point: w I64"),
                              ({}, "no tensors")]:
-        with pytest.raises(vs.Rejected, match=message) as e:
+        with pytest.raises(guard.Rejected, match=message) as e:
             check(tensors)
         assert e.value.status == 422
     (tmp_path / "garbage").write_bytes(b"not safetensors at all" * 10)
-    with pytest.raises(vs.Rejected, match="not a safetensors file") as e:
-        vs.check_weights_file(str(tmp_path / "garbage"), expected)
+    with pytest.raises(guard.Rejected, match="not a safetensors file") as e:
+        guard.check_weights_file(str(tmp_path / "garbage"), expected)
     assert e.value.status == 400
 
 
 def test_the_tiny_models_parameter_names_include_the_tied_head(tiny_model_path):
-    shapes = vs.model_weight_shapes(tiny_model_path)
+    shapes = guard.model_weight_shapes(tiny_model_path)
     assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (2048, 128)
     from safetensors import safe_open
 
