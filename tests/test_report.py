@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from rlt import report as R
+from rlt import report_summary as S
 
 STEPS = list(range(1, 11))
 GROUP_FILES = {"loss", "reward", "kl", "entropy", "completions", "learning_rate", "grad_norm", "timing", "eval"}
@@ -265,7 +266,7 @@ def _tracking(monkeypatch, swept_values=None) -> None:
 
 def test_run_summary(run_dir, monkeypatch):
     _tracking(monkeypatch)
-    summary = R.run_summary(run_dir)
+    summary = S.run_summary(run_dir)
     assert summary["swept"] == {}
     assert summary["hyperparameters"] == {"learning_rate": 1e-3, "train_batch_size": 16, "num_generations": 4,
                                           "beta": 0.04, "temperature": 1.0, "max_steps": 10,
@@ -279,24 +280,24 @@ def test_run_summary(run_dir, monkeypatch):
     json.dumps(summary)
 
     _tracking(monkeypatch, lambda: {"learning_rate": 1e-3})
-    assert R.run_summary(run_dir)["swept"] == {"learning_rate": 1e-3}
+    assert S.run_summary(run_dir)["swept"] == {"learning_rate": 1e-3}
     _tracking(monkeypatch, lambda: 1 / 0)
-    assert R.run_summary(run_dir)["swept"] == {}
+    assert S.run_summary(run_dir)["swept"] == {}
 
 
 def test_best_checkpoint_step(run_dir):
     for step in (5, 10):
         (run_dir / f"checkpoint-{step}").mkdir()
         (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"best_model_checkpoint": None}))
-    assert R.best_checkpoint_step(run_dir) == 5  # eval_reward 0.4 at step 5 beats 0.3 at step 10
+    assert S.best_checkpoint_step(run_dir) == 5  # eval_reward 0.4 at step 5 beats 0.3 at step 10
     shutil.rmtree(run_dir / "checkpoint-5")
-    assert R.best_checkpoint_step(run_dir) == 10  # only among the checkpoints still saved
+    assert S.best_checkpoint_step(run_dir) == 10  # only among the checkpoints still saved
     state = {"best_model_checkpoint": "/elsewhere/run/checkpoint-7", "best_global_step": None}
     (run_dir / "checkpoint-10" / "trainer_state.json").write_text(json.dumps(state))
-    assert R.best_checkpoint_step(run_dir) == 7  # early stopping: the trainer's own pick
+    assert S.best_checkpoint_step(run_dir) == 7  # early stopping: the trainer's own pick
     state["best_global_step"] = 8
     (run_dir / "checkpoint-10" / "trainer_state.json").write_text(json.dumps(state))
-    assert R.best_checkpoint_step(run_dir) == 8
+    assert S.best_checkpoint_step(run_dir) == 8
 
 
 # ---------------------------------------------------------------- in a real browser

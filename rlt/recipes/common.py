@@ -196,15 +196,16 @@ def save_final(trainer, tokenizer, final_dir: Path) -> str:
 
 
 def finish(summary: dict, out: Path, lines: list[str], run=None) -> dict:
-    """Write summary.json (the recipe's results + `rlt.report.run_summary`: swept keys, hyperparameters, first /
-    last / best / mean of the last values of each main metric, validation, wall time), the run's plots (when
+    """Write summary.json (the recipe's results + `rlt.report_summary.run_summary`: swept keys, hyperparameters,
+    first / last / best / mean of the last values of each main metric, validation, wall time), the run's plots (when
     ``plots`` is on) and print the user-facing report (run dir, the given result lines, where things are); on the
     main process only."""
     if int(os.environ.get("RANK", "0")) != 0:
         return summary
     from rlt import report
+    from rlt.report_summary import run_summary
 
-    summary = {**report.run_summary(out), **summary}
+    summary = {**run_summary(out), **summary}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     plots = report.write_plots(out) if run is None or run.plots else []
     lines = [*lines, *([f"samples:      {out / 'samples.jsonl'}"] if (out / "samples.jsonl").is_file() else [])]
