@@ -30,10 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, machine_line, spread, write_json
+from bench.common import OFFLINE_ENV, REPO, machine_info, machine_line, spread, write_json
 
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "VLLM_LOGGING_LEVEL": "WARNING", "WANDB_MODE": "disabled", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 SPLIT = (("gen", "timing/generation_s"), ("reward", "timing/reward_s"), ("train", "timing/train_s"))
 # Each config's geometry for the step time: tiny_grpo with 64-token completions, where the synchronous step splits
 # into about equal generation and training (0.31 s / 0.30 s measured); teacher_rlt_tiny as it is (training and the
@@ -48,7 +46,7 @@ def launch(run_cfg: str, out: Path, overrides: list[str], *, asynchronous: bool,
     shutil.rmtree(logs, ignore_errors=True)
     cmd = [str(REPO / "launch_multi.sh"), "1", "1", run_cfg, *overrides, f"output_dir={out}", "report_to=[none]",
            "plots=false", f"async_generation={'true' if asynchronous else 'false'}", "--cpu", "--log-dir", str(logs)]
-    env = {**os.environ, **ENV, "PYTHON": sys.executable}
+    env = {**OFFLINE_ENV, **os.environ, "PYTHON": sys.executable}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     start = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -17,6 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Every benchmark runs offline (local models and data only), without progress bars, wandb or vLLM's INFO lines
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "VLLM_LOGGING_LEVEL": "WARNING", "WANDB_MODE": "disabled", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def use_offline_env() -> None:
+    """`OFFLINE_ENV` in this process's environment (and its children's), where not already set."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
 VERSIONS_OF = ("transformers", "trl", "vllm")
 
 

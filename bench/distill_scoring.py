@@ -15,17 +15,15 @@ and |mean reward difference| (must be ~0). Results: docs/rlt.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import write_json
+from bench.common import use_offline_env, write_json
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+use_offline_env()
 VARIANTS = {"reuse": [], "forward": ["teacher_reuse_sampling_logprobs=false"]}
 
 

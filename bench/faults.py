@@ -54,14 +54,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, machine_line, write_json
+from bench.common import REPO, machine_info, machine_line, use_offline_env, write_json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+use_offline_env()
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 # the tests' fast geometry (tests/test_grpo.py, tests/test_rlt.py): a step takes about a second on a CPU

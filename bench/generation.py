@@ -51,12 +51,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, spread, write_json
+from bench.common import REPO, machine_info, spread, use_offline_env, write_json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
+use_offline_env()
 
 DEFAULT_MODELS = ["rlt:tiny", "rlt:tiny-wide", "rlt:smollm2-135m"]
 

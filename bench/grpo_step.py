@@ -52,14 +52,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, spread, write_json
+from bench.common import REPO, machine_info, spread, use_offline_env, write_json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+use_offline_env()
 
 VARIANTS = ("trl", "ours-hf", "ours-vllm", "ours-vllm-nois")
 DEFAULT_VARIANTS = ("trl", "ours-hf", "ours-vllm")

@@ -29,14 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, write_json
+from bench.common import REPO, machine_info, use_offline_env, write_json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+use_offline_env()
 
 DEFAULT_GRPO_RUN_CFG = "tiny_grpo"
 # The measured setting (docs/benchmarks.md §3). The task: sums of two numbers 1..9 in word and plain problems

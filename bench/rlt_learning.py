@@ -43,14 +43,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import REPO, machine_info, machine_line, write_json
+from bench.common import REPO, machine_info, machine_line, use_offline_env, write_json
 from bench.learning import Phase
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+use_offline_env()
 
 # The task: synthetic sums of two numbers 1..9 (word and plain problems), as bench/learning.py: small enough that a
 # tiny student learns it from a few hundred distilled rows, so that the quality of the explanations can show.

@@ -33,11 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import machine_info, machine_line, write_json
+from bench.common import machine_info, machine_line, use_offline_env, write_json
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+use_offline_env()
 
 RUN_FILES = {"tiny": "teacher_rlt_tiny", "smollm2": "teacher_rlt_smollm2"}
 TRIVIAL_REWARD = "reward_funcs=[{_target_: rlt.rewards.gsm8k.format_reward}]"

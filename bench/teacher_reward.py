@@ -48,10 +48,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: rlt, bench.common
-from bench.common import machine_info, machine_line, write_json
+from bench.common import machine_info, machine_line, use_offline_env, write_json
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+use_offline_env()
 
 MODELS = {"tiny": "rlt:tiny", "smollm2": "rlt:smollm2-135m"}
 LENGTHS = (16, 128, 32, 96, 48, 64, 24, 112)  # completion tokens, cycled over the completions
